@@ -1,0 +1,137 @@
+"""Evaluate an extractive QA model on MRQA files with the official EM/F1.
+
+    python evaluate.py --split dev                      # in-domain dev (the card's "Eval"), downloaded
+    python evaluate.py --split test                     # out-of-domain dev (the card's "Test")
+    python evaluate.py --model DIR --data a.jsonl.gz b.jsonl.gz --output preds.json --metrics metrics.json
+    python evaluate.py --predictions preds.json --data SQuAD-dev.jsonl.gz   # score a file, no model
+
+Prints a table per dataset plus the macro average over datasets (MRQA's headline) and the micro average.
+"""
+import argparse
+import json
+import os
+import sys
+import time
+
+import torch
+
+from tinyqa.errors import TinyQAError, cli_errors
+from tinyqa.features import FeaturizerConfig
+from tinyqa.infer import DecodeConfig, predict
+from tinyqa.metrics import score_datasets
+from tinyqa.mrqa import ReadReport, read_mrqa, split_files
+
+
+def get_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    g = p.add_argument_group("data")
+    g.add_argument("--split", choices=["dev", "test"], default=None,
+                   help="official MRQA split to download and evaluate: dev = the six in-domain dev sets, "
+                        "test = the six out-of-domain dev sets (default: dev, unless --data is given)")
+    g.add_argument("--data", nargs="+", metavar="FILE", help="local MRQA .jsonl or .jsonl.gz files instead of --split")
+    g.add_argument("--skip-bad", action="store_true",
+                   help="skip malformed lines (counted and reported) instead of stopping at the first one")
+    g.add_argument("--limit", type=int, default=None, help="evaluate only the first N questions of each file")
+    g = p.add_argument_group("model")
+    g.add_argument("--model", default="tinyroberta-mrqa", help="alias, hub id or local checkpoint directory")
+    g.add_argument("--predictions", metavar="FILE",
+                   help="score this existing {qid: answer} JSON file instead of running a model")
+    g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
+    g.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32", help="weights/compute dtype")
+    g.add_argument("--quantize", choices=["int8"], default=None,
+                   help="CPU only: dynamic int8 quantisation of the Linear layers (faster, slightly less accurate)")
+    g.add_argument("--batch-size", type=int, default=64, help="windows per forward pass (length-sorted)")
+    g.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice)")
+    g = p.add_argument_group("featurizer and decoder (model card defaults)")
+    g.add_argument("--max-seq-len", type=int, default=384, help="tokens per window, special tokens included")
+    g.add_argument("--doc-stride", type=int, default=128, help="overlap in tokens between consecutive windows")
+    g.add_argument("--max-query-length", type=int, default=64, help="question tokens kept (the rest is cut)")
+    g.add_argument("--n-best", type=int, default=20, help="top start and end logits combined per window")
+    g.add_argument("--max-answer-len", type=int, default=30, help="longest answer in tokens")
+    g.add_argument("--allow-null", action="store_true", help="allow the empty answer (SQuAD 2.0-style models)")
+    g = p.add_argument_group("output")
+    g.add_argument("--output", metavar="FILE", help="write predictions as {qid: answer} JSON (the official format)")
+    g.add_argument("--metrics", metavar="FILE", help="write {datasets, macro, micro} metrics JSON")
+    g.add_argument("--quiet", action="store_true", help="no progress bars")
+    args = p.parse_args(argv)
+    if args.split and args.data:
+        p.error("give --split or --data, not both")
+    return args
+
+
+def load_examples(args):
+    """{dataset name: [Example]} in file order; names come from each file's header, else its name."""
+    files = args.data or split_files(args.split or "dev", progress=not args.quiet)
+    by_dataset, report = {}, ReadReport()
+    for path in files:
+        examples = []
+        for ex in read_mrqa(path, skip_bad=args.skip_bad, report=report):
+            if args.limit is not None and len(examples) >= args.limit:
+                break
+            examples.append(ex)
+        name, k = examples[0].dataset if examples else os.path.basename(path), 2
+        while name in by_dataset:  # two files naming the same dataset stay apart
+            name, k = f"{examples[0].dataset}#{k}", k + 1
+        by_dataset[name] = examples
+    if report.skipped:
+        print(f"skipped {len(report.skipped)} malformed line(s):", file=sys.stderr)
+        for s in report.skipped:
+            print(f"  {s}", file=sys.stderr)
+    return by_dataset
+
+
+def read_predictions(path):
+    try:
+        with open(path, encoding="utf-8") as f:
+            preds = json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise TinyQAError(f"{path}: cannot read predictions JSON ({e})")
+    if not isinstance(preds, dict) or not all(isinstance(v, str) for v in preds.values()):
+        raise TinyQAError(f"{path}: predictions must be a JSON object {{qid: answer string}}")
+    return preds
+
+
+def print_table(metrics):
+    print(f"{'dataset':<22}{'questions':>10}{'EM':>9}{'F1':>9}")
+    rows = list(metrics["datasets"].items()) + [("macro average", metrics["macro"]), ("micro average", metrics["micro"])]
+    for name, r in rows:
+        print(f"{name:<22}{r['total']:>10}{r['exact_match']:>9.2f}{r['f1']:>9.2f}")
+
+
+def main(argv=None):
+    args = get_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    by_dataset = load_examples(args)
+    all_examples = [ex for exs in by_dataset.values() for ex in exs]
+    if args.predictions:
+        answers = read_predictions(args.predictions)
+        unknown = len(set(answers) - {ex.qid for ex in all_examples})
+        if unknown:
+            print(f"note: {unknown} predicted qids are not in the data and were ignored", file=sys.stderr)
+    else:
+        from tinyqa.infer import QuestionAnswerer
+        dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
+        qa = QuestionAnswerer.from_pretrained(args.model, device=args.device, dtype=dtype, quantize=args.quantize)
+        fcfg = FeaturizerConfig(args.max_seq_len, args.doc_stride, args.max_query_length)
+        dcfg = DecodeConfig(args.n_best, args.max_answer_len, args.allow_null)
+        t0 = time.perf_counter()
+        preds = predict(qa.model, qa.tokenizer, all_examples, fcfg, dcfg, args.batch_size, args.device,
+                        progress=not args.quiet)
+        elapsed = time.perf_counter() - t0
+        answers = {qid: p.text for qid, p in preds.items()}
+        print(f"{len(all_examples)} questions in {elapsed:.1f}s ({len(all_examples) / elapsed:.1f} questions/s)")
+    if args.output:
+        with open(args.output, "w", encoding="utf-8") as f:
+            json.dump(answers, f, ensure_ascii=False, indent=0)
+    metrics = score_datasets(answers, by_dataset)
+    if args.metrics:
+        with open(args.metrics, "w") as f:
+            json.dump(metrics, f, indent=2)
+    print_table(metrics)
+    return metrics
+
+
+if __name__ == "__main__":
+    with cli_errors():
+        main()

@@ -1,0 +1,61 @@
+"""End to end: a random-weight model with the real tokenizer through evaluate.py and the answer API."""
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import ROOT
+
+from tinyqa import RobertaConfig, RobertaForQA, load_tokenizer, save_pretrained
+from tinyqa.infer import QuestionAnswerer
+from tinyqa.mrqa import read_mrqa
+
+SMALL = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128)
+
+
+@pytest.fixture(scope="module")
+def random_checkpoint(tmp_path_factory, tokenizer_dir):
+    d = tmp_path_factory.mktemp("ckpt")
+    torch.manual_seed(0)
+    save_pretrained(RobertaForQA(RobertaConfig(**SMALL)), d, tokenizer=load_tokenizer(str(tokenizer_dir)))
+    return d
+
+
+def test_evaluate_200_squad_questions(random_checkpoint, squad_path, tmp_path):
+    out, met = tmp_path / "preds.json", tmp_path / "metrics.json"
+    r = subprocess.run([sys.executable, str(ROOT / "evaluate.py"), "--model", str(random_checkpoint), "--data",
+                        str(squad_path), "--limit", "200", "--batch-size", "16", "--output", str(out),
+                        "--metrics", str(met), "--quiet"], capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 0, r.stderr
+    preds = json.loads(out.read_text())
+    exs = [ex for _, ex in zip(range(200), read_mrqa(squad_path))]
+    assert set(preds) == {ex.qid for ex in exs}
+    for ex in exs:
+        assert preds[ex.qid] and preds[ex.qid] in ex.context, ex.qid
+    m = json.loads(met.read_text())
+    assert set(m) == {"datasets", "macro", "micro"} and m["datasets"]["SQuAD"]["total"] == 200
+    assert set(m["macro"]) == {"exact_match", "f1", "total"}
+    assert "questions/s" in r.stdout
+
+
+def test_answer_api_and_cli(random_checkpoint):
+    qa = QuestionAnswerer.from_pretrained(str(random_checkpoint))
+    context = "Hamlet is a tragedy written by William Shakespeare sometime between 1599 and 1601."
+    a = qa.answer("Who wrote Hamlet?", context)
+    assert a.text and context[a.start:a.end] == a.text
+    many = qa.answer_batch(["Who wrote Hamlet?", "When?"], [context, "It was in 1601 or 1602."])
+    assert many[0] == a and "It was in 1601 or 1602."[many[1].start:many[1].end] == many[1].text
+    r = subprocess.run([sys.executable, "-m", "tinyqa", "answer", "--model", str(random_checkpoint), "--question",
+                        "Who wrote Hamlet?", "--context", context, "--json"], capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["text"] == a.text
+
+
+def test_cli_errors_are_one_line(tmp_path):
+    r = subprocess.run([sys.executable, str(ROOT / "evaluate.py"), "--model", "no-such-model", "--data",
+                        str(tmp_path / "missing.jsonl.gz")], capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 2 and r.stderr.startswith("error: ") and r.stderr.count("\n") == 1, r.stderr
+    r = subprocess.run([sys.executable, "-m", "tinyqa", "answer", "--model", "no-such-model", "--question", "q",
+                        "--context", "c"], capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 2 and "unknown model 'no-such-model'" in r.stderr and r.stderr.count("\n") == 1

@@ -1,0 +1,90 @@
+"""Sliding windows and labels on the whole SQuAD dev set, against transformers' tokenizer windows."""
+import numpy as np
+import pytest
+
+from tinyqa import load_tokenizer
+from tinyqa.features import FeaturizerConfig, collate, featurize, windows
+from tinyqa.mrqa import read_mrqa
+
+
+@pytest.fixture(scope="module")
+def squad(squad_path, tokenizer_dir):
+    exs = list(read_mrqa(squad_path))
+    tok = load_tokenizer(str(tokenizer_dir))
+    return exs, tok, featurize(exs, tok)
+
+
+def test_windows_worked_example():
+    assert windows(700, 360, 128) == [(0, 360), (232, 592), (464, 700)]
+    assert windows(100, 360, 128) == [(0, 100)]
+    assert windows(0, 360, 128) == [(0, 0)]
+
+
+def test_labels_reproduce_the_answer(squad):
+    exs, _, feats = squad
+    labelled = [f for f in feats if f.start_label != 0]
+    assert len(labelled) > 10000
+    exact = 0
+    for f in labelled:
+        ex = exs[f.example_index]
+        a, b = ex.span
+        (s0, s1), (e0, e1) = f.offsets[f.start_label], f.offsets[f.end_label]
+        assert f.start_label <= f.end_label and s0 >= 0 and e0 >= 0
+        if ex.context[s0:e1].strip() == ex.context[a:b].strip():
+            exact += 1
+        else:
+            # The answer starts or ends inside a BPE token (e.g. "Mutants" + ")." in one token): then the
+            # label must be the smallest token span that covers it.
+            assert s0 <= a < s1 and e0 < b <= e1, (ex.qid, ex.context[s0:e1], ex.context[a:b])
+    assert exact / len(labelled) > 0.98, exact / len(labelled)
+    # an answer not wholly inside a window is labelled <s> (0) in that window
+    for f in feats:
+        if f.start_label == 0:
+            a, b = exs[f.example_index].span
+            ctx = f.offsets[f.offsets[:, 0] >= 0]
+            assert not (ctx[0, 0] <= a and ctx[-1, 1] >= b)
+
+
+def test_windows_cover_every_context_character(squad):
+    exs, _, feats = squad
+    covered = {}
+    for f in feats:
+        c = covered.setdefault(f.example_index, np.zeros(len(exs[f.example_index].context), bool))
+        for s, e in f.offsets[f.offsets[:, 0] >= 0]:
+            c[s:e] = True
+    for i, ex in enumerate(exs):
+        missing = [j for j, ch in enumerate(ex.context) if not covered[i][j] and not ch.isspace()]
+        assert not missing, (ex.qid, missing[:5])
+    assert max(len(f.input_ids) for f in feats) == 384
+
+
+def test_same_windows_as_transformers_tokenizer(squad, tokenizer_dir):
+    transformers = pytest.importorskip("transformers")
+    exs, tok, feats = squad
+    hf = transformers.RobertaTokenizerFast.from_pretrained(str(tokenizer_dir))
+    # tinyqa also cuts questions to max_query_length (64) tokens, which run_qa does not: compare on the rest.
+    keep = [i for i, ex in enumerate(exs) if len(tok.encode(ex.question.lstrip(), add_special_tokens=False).ids) <= 64]
+    assert len(keep) > 10500
+    enc = hf([exs[i].question.lstrip() for i in keep], [exs[i].context for i in keep], truncation="only_second",
+             max_length=384, stride=128, return_overflowing_tokens=True)
+    ours = [list(f.input_ids) for f in feats if f.example_index in set(keep)]
+    assert len(ours) == len(enc["input_ids"])
+    assert ours == enc["input_ids"]
+
+
+def test_question_truncated_to_max_query_length(tokenizer_dir):
+    from tinyqa.mrqa import Example
+    tok = load_tokenizer(str(tokenizer_dir))
+    q = "   " + " ".join(["why"] * 100) + "?"
+    (f,) = featurize([Example("x", q, "Because.", ["Because"], (0, 7))], tok, FeaturizerConfig(max_query_length=10))
+    assert list(f.input_ids[:12]) == [0] + tok.encode("why" + " why" * 9, add_special_tokens=False).ids + [2]
+    assert f.input_ids[12] == 2 and (f.start_label, f.end_label) == (13, 13)
+
+
+def test_collate_pads_to_longest(squad):
+    _, _, feats = squad
+    batch = collate(feats[:3], with_labels=True)
+    L = max(len(f.input_ids) for f in feats[:3])
+    assert batch["input_ids"].shape == (3, L) and batch["attention_mask"].sum().item() == sum(len(f.input_ids) for f in feats[:3])
+    assert (batch["input_ids"][batch["attention_mask"] == 0] == 1).all()
+    assert batch["start_positions"].tolist() == [f.start_label for f in feats[:3]]

@@ -1,0 +1,87 @@
+"""Batched inference: examples -> windows -> logits -> answers, and the small answer API on top.
+
+    qa = QuestionAnswerer.from_pretrained("tinyroberta-mrqa")
+    qa.answer("Who wrote Hamlet?", "Hamlet is a tragedy written by William Shakespeare.")
+    # Answer(text='William Shakespeare', score=..., start=31, end=50)
+
+Features are sorted by length before batching, so each batch is padded only to its own longest window;
+logits are trimmed back to each feature's length before decoding.
+"""
+from dataclasses import dataclass
+
+import torch
+
+from .decode import decode
+from .features import FeaturizerConfig, collate, featurize, length_sorted_batches
+from .mrqa import Example
+
+
+@dataclass
+class DecodeConfig:
+    n_best: int = 20
+    max_answer_len: int = 30  # tokens
+    allow_null: bool = False  # SQuAD 2.0-style models only: MRQA questions always have an answer
+
+
+def quantize_int8(model):
+    """Dynamic int8 quantisation of every Linear (CPU only): weights stored int8, activations quantised
+    per batch. Trades a little accuracy for speed; see benchmarks/bench_inference.py."""
+    from torch.ao.quantization import quantize_dynamic
+    return quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
+
+
+@torch.inference_mode()
+def run_model(model, features, batch_size=64, device="cpu", progress=False):
+    """Start and end logits (float32 numpy, unpadded) of every feature, in the features' order."""
+    from tqdm import tqdm
+    starts, ends = [None] * len(features), [None] * len(features)
+    batches = length_sorted_batches(features, batch_size)
+    for idx in tqdm(batches, desc="inference", unit="batch", disable=not progress):
+        batch = collate([features[i] for i in idx])
+        out = model(batch["input_ids"].to(device), batch["attention_mask"].to(device))
+        s, e = out.start_logits.cpu().numpy(), out.end_logits.cpu().numpy()
+        for row, i in enumerate(idx):
+            n = len(features[i].input_ids)
+            starts[i], ends[i] = s[row, :n], e[row, :n]
+    return starts, ends
+
+
+def predict(model, tokenizer, examples, fcfg=FeaturizerConfig(), dcfg=DecodeConfig(), batch_size=64,
+            device="cpu", progress=False) -> dict:
+    """{qid: Prediction} for a list of Examples."""
+    features = featurize(examples, tokenizer, fcfg, with_labels=False)
+    starts, ends = run_model(model, features, batch_size, device, progress)
+    return decode(examples, features, starts, ends, dcfg.n_best, dcfg.max_answer_len, dcfg.allow_null)
+
+
+@dataclass
+class Answer:
+    text: str
+    score: float
+    start: int  # char offsets into the context, end exclusive
+    end: int
+
+
+class QuestionAnswerer:
+    def __init__(self, model, tokenizer, fcfg=FeaturizerConfig(), dcfg=DecodeConfig(), batch_size=64, device="cpu"):
+        self.model, self.tokenizer = model.eval(), tokenizer
+        self.fcfg, self.dcfg, self.batch_size, self.device = fcfg, dcfg, batch_size, device
+
+    @classmethod
+    def from_pretrained(cls, name_or_path, device="cpu", dtype=torch.float32, quantize=None, **kw):
+        from .tokenizer import load_tokenizer
+        from .weights import load_model
+        model = load_model(name_or_path, device=device, dtype=dtype)
+        if quantize == "int8":
+            model = quantize_int8(model)
+        return cls(model, load_tokenizer(name_or_path), device=device, **kw)
+
+    def answer(self, question: str, context: str) -> Answer:
+        return self.answer_batch([question], [context])[0]
+
+    def answer_batch(self, questions, contexts) -> list:
+        if len(questions) != len(contexts):
+            raise ValueError(f"{len(questions)} questions but {len(contexts)} contexts")
+        examples = [Example(str(i), q, c, []) for i, (q, c) in enumerate(zip(questions, contexts))]
+        preds = predict(self.model, self.tokenizer, examples, self.fcfg, self.dcfg, self.batch_size, self.device)
+        return [Answer(p.text, p.score, p.start, p.end) for p in (preds[ex.qid] for ex in examples)]
