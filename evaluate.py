@@ -20,10 +20,11 @@ from tinyqa.features import FeaturizerConfig
 from tinyqa.infer import DecodeConfig, predict
 from tinyqa.metrics import score_datasets
 from tinyqa.mrqa import ReadReport, read_mrqa, split_files
+from tinyqa.train import HelpFormatter
 
 
 def get_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     g = p.add_argument_group("data")
     g.add_argument("--split", choices=["dev", "test"], default=None,
                    help="official MRQA split to download and evaluate: dev = the six in-domain dev sets, "

@@ -58,8 +58,10 @@ def windows(n_context: int, budget: int, doc_stride: int):
         start += step
 
 
-def featurize(examples, tokenizer, cfg: FeaturizerConfig = FeaturizerConfig(), with_labels=True) -> list:
-    """All windows of all examples, in example order. Labels are computed when with_labels."""
+def featurize(examples, tokenizer, cfg: FeaturizerConfig = FeaturizerConfig(), with_labels=True,
+              with_offsets=True) -> list:
+    """All windows of all examples, in example order. Labels are computed when with_labels; training,
+    which never decodes, passes with_offsets=False to keep 516k windows' offsets out of memory."""
     # Tokenize each distinct context once (SQuAD has ~5 questions per context), in batches.
     context_index, contexts = {}, []
     for ex in examples:
@@ -88,6 +90,8 @@ def featurize(examples, tokenizer, cfg: FeaturizerConfig = FeaturizerConfig(), w
                 example_index=i)
             if with_labels and ex.span is not None:
                 f.start_label, f.end_label = _label(off[start:stop], ex.span, n_prefix)
+            if not with_offsets:
+                f.offsets = None
             features.append(f)
     return features
 
