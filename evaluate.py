@@ -16,8 +16,7 @@ import time
 import torch
 
 from tinyqa.errors import TinyQAError, cli_errors
-from tinyqa.features import FeaturizerConfig
-from tinyqa.infer import DecodeConfig, predict
+from tinyqa.infer import DecodeConfig, featurizer_config_of, predict
 from tinyqa.metrics import score_datasets
 from tinyqa.mrqa import ReadReport, read_mrqa, split_files
 from tinyqa.train import HelpFormatter
@@ -43,10 +42,11 @@ def get_args(argv=None):
                    help="CPU only: dynamic int8 quantisation of the Linear layers (faster, slightly less accurate)")
     g.add_argument("--batch-size", type=int, default=64, help="windows per forward pass (length-sorted)")
     g.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice)")
-    g = p.add_argument_group("featurizer and decoder (model card defaults)")
-    g.add_argument("--max-seq-len", type=int, default=384, help="tokens per window, special tokens included")
-    g.add_argument("--doc-stride", type=int, default=128, help="overlap in tokens between consecutive windows")
-    g.add_argument("--max-query-length", type=int, default=64, help="question tokens kept (the rest is cut)")
+    g = p.add_argument_group("featurizer and decoder (model card defaults; a checkpoint trained by tinyqa "
+                             "brings its own window settings in its args.json)")
+    g.add_argument("--max-seq-len", type=int, default=None, help="tokens per window, special tokens included (card: 384)")
+    g.add_argument("--doc-stride", type=int, default=None, help="overlap in tokens between consecutive windows (card: 128)")
+    g.add_argument("--max-query-length", type=int, default=None, help="question tokens kept, the rest is cut (card: 64)")
     g.add_argument("--n-best", type=int, default=20, help="top start and end logits combined per window")
     g.add_argument("--max-answer-len", type=int, default=30, help="longest answer in tokens")
     g.add_argument("--allow-null", action="store_true", help="allow the empty answer (SQuAD 2.0-style models)")
@@ -113,8 +113,9 @@ def main(argv=None):
     else:
         from tinyqa.infer import QuestionAnswerer
         dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
+        fcfg = featurizer_config_of(args.model, max_seq_len=args.max_seq_len, doc_stride=args.doc_stride,
+                                    max_query_length=args.max_query_length)
         qa = QuestionAnswerer.from_pretrained(args.model, device=args.device, dtype=dtype, quantize=args.quantize)
-        fcfg = FeaturizerConfig(args.max_seq_len, args.doc_stride, args.max_query_length)
         dcfg = DecodeConfig(args.n_best, args.max_answer_len, args.allow_null)
         t0 = time.perf_counter()
         preds = predict(qa.model, qa.tokenizer, all_examples, fcfg, dcfg, args.batch_size, args.device,

@@ -7,11 +7,14 @@
 Features are sorted by length before batching, so each batch is padded only to its own longest window;
 logits are trimmed back to each feature's length before decoding.
 """
-from dataclasses import dataclass
+import json
+import os
+from dataclasses import dataclass, replace
 
 import torch
 
 from .decode import decode
+from .errors import TinyQAError
 from .features import FeaturizerConfig, collate, featurize, length_sorted_batches
 from .mrqa import Example
 
@@ -46,9 +49,27 @@ def run_model(model, features, batch_size=64, device="cpu", progress=False):
     return starts, ends
 
 
+def featurizer_config_of(name_or_path, **overrides) -> FeaturizerConfig:
+    """The window settings a checkpoint was trained with (its args.json, written by tinyqa's training),
+    else the card's; explicit overrides (not None) win. A 128-position demo model then just works."""
+    cfg = FeaturizerConfig()
+    path = os.path.join(name_or_path, "args.json")
+    if os.path.isdir(name_or_path) and os.path.exists(path):
+        with open(path) as f:
+            saved = json.load(f)
+        cfg = FeaturizerConfig(**{k: saved[k] for k in ("max_seq_len", "doc_stride", "max_query_length") if k in saved})
+    return replace(cfg, **{k: v for k, v in overrides.items() if v is not None})
+
+
 def predict(model, tokenizer, examples, fcfg=FeaturizerConfig(), dcfg=DecodeConfig(), batch_size=64,
             device="cpu", progress=False) -> dict:
     """{qid: Prediction} for a list of Examples."""
+    cfg = getattr(model, "config", None)
+    if cfg is not None:
+        limit = cfg.max_position_embeddings - cfg.pad_token_id - 1  # RoBERTa positions start at pad_token_id + 1
+        if fcfg.max_seq_len > limit:
+            raise TinyQAError(f"max_seq_len {fcfg.max_seq_len} is longer than the model's {limit} positions: "
+                              f"pass --max-seq-len {limit} or less")
     features = featurize(examples, tokenizer, fcfg, with_labels=False)
     starts, ends = run_model(model, features, batch_size, device, progress)
     return decode(examples, features, starts, ends, dcfg.n_best, dcfg.max_answer_len, dcfg.allow_null)
@@ -68,13 +89,14 @@ class QuestionAnswerer:
         self.fcfg, self.dcfg, self.batch_size, self.device = fcfg, dcfg, batch_size, device
 
     @classmethod
-    def from_pretrained(cls, name_or_path, device="cpu", dtype=torch.float32, quantize=None, **kw):
+    def from_pretrained(cls, name_or_path, device="cpu", dtype=torch.float32, quantize=None, fcfg=None, **kw):
         from .tokenizer import load_tokenizer
         from .weights import load_model
         model = load_model(name_or_path, device=device, dtype=dtype)
         if quantize == "int8":
             model = quantize_int8(model)
-        return cls(model, load_tokenizer(name_or_path), device=device, **kw)
+        fcfg = fcfg or featurizer_config_of(name_or_path)
+        return cls(model, load_tokenizer(name_or_path), fcfg=fcfg, device=device, **kw)
 
     def answer(self, question: str, context: str) -> Answer:
         return self.answer_batch([question], [context])[0]
