@@ -53,8 +53,8 @@ def _value(rng, fact):
             "colour": lambda: rng.choice(COLOURS), "pet": lambda: rng.choice(PETS)}[fact]()
 
 
-def make_context(rng, n_people, qid_prefix, n_questions=3, filler=0.25):
-    """One MRQA context line: several people, a fact sentence each, and questions about them."""
+def make_context(rng, n_people, qid_prefix, n_questions=3, filler=0.25, facts=(2, 4)):
+    """One MRQA context line: several people, facts[0]..facts[1] fact sentences each, questions about them."""
     names = set()
     while len(names) < n_people:
         names.add(f"{rng.choice(FIRST)} {rng.choice(LAST)}")
@@ -62,7 +62,7 @@ def make_context(rng, n_people, qid_prefix, n_questions=3, filler=0.25):
     rng.shuffle(names)
     sentences = []  # (text, name, fact, value, value's offset in text)
     for name in names:
-        for fact in rng.sample(list(FACTS), k=rng.randint(2, 4)):
+        for fact in rng.sample(list(FACTS), k=rng.randint(*facts)):
             value, template = _value(rng, fact), rng.choice(FACTS[fact][0])
             at = len(template[: template.index("{v}")].format(n=name))  # where the value starts in the sentence
             sentences.append((template.format(n=name, v=value), name, fact, value, at))
@@ -83,13 +83,15 @@ def make_context(rng, n_people, qid_prefix, n_questions=3, filler=0.25):
     return {"id": qid_prefix, "context": context, "qas": qas}
 
 
-def make_dataset(n_contexts, seed, long_fraction=0.1, split="train"):
-    """n_contexts context lines; long_fraction of them describe 12-16 people (several windows)."""
+def make_dataset(n_contexts, seed, long_fraction=0.1, split="train", people=(2, 4), long_people=(12, 16),
+                 facts=(2, 4), filler=0.25):
+    """n_contexts context lines of people[0]..people[1] people; long_fraction of them describe
+    long_people[0]..long_people[1] people instead (long enough for several windows)."""
     rng = random.Random(seed)
     rows = []
     for i in range(n_contexts):
-        n_people = rng.randint(12, 16) if rng.random() < long_fraction else rng.randint(2, 4)
-        rows.append(make_context(rng, n_people, f"{split}-{seed}-{i}"))
+        n_people = rng.randint(*long_people) if rng.random() < long_fraction else rng.randint(*people)
+        rows.append(make_context(rng, n_people, f"{split}-{seed}-{i}", filler=filler, facts=facts))
     return rows
 
 
