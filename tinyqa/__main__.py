@@ -14,9 +14,17 @@ def main(argv=None):
     a.add_argument("--context", required=True, help="the text to find the answer in (or @FILE to read it from a file)")
     a.add_argument("--device", default="cpu", help="torch device")
     a.add_argument("--json", action="store_true", help="print the answer as JSON with score and char offsets")
-    args = p.parse_args(argv)
+    sub.add_parser("demo", add_help=False,
+                   help="offline end to end: synthetic data, teacher, distilled and CE-only students, evaluation "
+                        "(python -m tinyqa demo --help for its flags)")
+    args, rest = p.parse_known_args(argv)
+    if args.command != "demo" and rest:
+        p.error(f"unrecognized arguments: {' '.join(rest)}")
     with cli_errors():
-        if args.command == "answer":
+        if args.command == "demo":
+            from . import demo
+            demo.main(rest)
+        elif args.command == "answer":
             from .errors import TinyQAError
             from .infer import QuestionAnswerer
             context = args.context

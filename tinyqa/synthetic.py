@@ -53,16 +53,25 @@ def _value(rng, fact):
             "colour": lambda: rng.choice(COLOURS), "pet": lambda: rng.choice(PETS)}[fact]()
 
 
-def make_context(rng, n_people, qid_prefix, n_questions=3, filler=0.25, facts=(2, 4)):
-    """One MRQA context line: several people, facts[0]..facts[1] fact sentences each, questions about them."""
+def make_context(rng, n_people, qid_prefix, n_questions=3, filler=0.25, facts=(2, 4), shared_facts=1.0):
+    """One MRQA context line: several people, facts[0]..facts[1] fact sentences each, questions about them.
+
+    With probability 1 - shared_facts a context gives each fact kind to at most one person while the six
+    kinds last, so that its questions can be answered by the kind of answer alone; otherwise (and in long
+    contexts, which run out of kinds) several people share a kind and only the name tells them apart."""
     names = set()
     while len(names) < n_people:
         names.add(f"{rng.choice(FIRST)} {rng.choice(LAST)}")
     names = sorted(names)
     rng.shuffle(names)
     sentences = []  # (text, name, fact, value, value's offset in text)
+    unused = list(FACTS) if shared_facts < 1.0 and rng.random() >= shared_facts else None
     for name in names:
-        for fact in rng.sample(list(FACTS), k=rng.randint(*facts)):
+        k = rng.randint(*facts)
+        kinds = rng.sample(unused, k=k) if unused is not None and len(unused) >= k else rng.sample(list(FACTS), k=k)
+        if unused is not None:
+            unused = [f for f in unused if f not in kinds]
+        for fact in kinds:
             value, template = _value(rng, fact), rng.choice(FACTS[fact][0])
             at = len(template[: template.index("{v}")].format(n=name))  # where the value starts in the sentence
             sentences.append((template.format(n=name, v=value), name, fact, value, at))
@@ -84,14 +93,15 @@ def make_context(rng, n_people, qid_prefix, n_questions=3, filler=0.25, facts=(2
 
 
 def make_dataset(n_contexts, seed, long_fraction=0.1, split="train", people=(2, 4), long_people=(12, 16),
-                 facts=(2, 4), filler=0.25):
+                 facts=(2, 4), filler=0.25, shared_facts=1.0):
     """n_contexts context lines of people[0]..people[1] people; long_fraction of them describe
     long_people[0]..long_people[1] people instead (long enough for several windows)."""
     rng = random.Random(seed)
     rows = []
     for i in range(n_contexts):
         n_people = rng.randint(*long_people) if rng.random() < long_fraction else rng.randint(*people)
-        rows.append(make_context(rng, n_people, f"{split}-{seed}-{i}", filler=filler, facts=facts))
+        rows.append(make_context(rng, n_people, f"{split}-{seed}-{i}", filler=filler, facts=facts,
+                                 shared_facts=shared_facts))
     return rows
 
 

@@ -39,7 +39,12 @@ RUNTIME_ARGS = {"resume", "out", "save_every", "stop_after", "device", "quiet", 
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    """Keep the docstring's layout and show every flag's default."""
+    """Keep the docstring's layout and show every flag's default (not the empty ones: None, False)."""
+
+    def _get_help_string(self, action):
+        if action.default is None or action.default is False:
+            return action.help
+        return super()._get_help_string(action)
 
 
 def build_parser(distill: bool, defaults: dict, description: str) -> argparse.ArgumentParser:
