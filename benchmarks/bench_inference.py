@@ -63,6 +63,7 @@ def get_args():
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     p.add_argument("--no-int8", action="store_true", help="skip the int8 contestant")
     p.add_argument("--no-rss", action="store_true", help="skip the evaluate.py peak-RSS child run")
+    p.add_argument("--rss-only", action="store_true", help="only the evaluate.py peak-RSS child run")
     p.add_argument("--accuracy-model", help="trained checkpoint on which to report int8's EM/F1 change")
     p.add_argument("--accuracy-data", help="MRQA file for --accuracy-model")
     return p.parse_args()
@@ -145,6 +146,7 @@ def main():
         torch.set_num_threads(args.threads)
     from transformers import RobertaConfig as HFConfig
     from transformers import RobertaForQuestionAnswering, RobertaTokenizerFast
+    import transformers
 
     examples = []
     for ex in read_mrqa(args.data):
@@ -156,12 +158,10 @@ def main():
     hf_tok = RobertaTokenizerFast.from_pretrained(args.tokenizer)
 
     torch.manual_seed(0)
-    hf_cfg = HFConfig.from_json_file(args.config)
-    hf_cfg._attn_implementation = "sdpa"
-    hf_model = RobertaForQuestionAnswering(hf_cfg).eval()
     tmp = tempfile.mkdtemp(prefix="tinyqa-bench-")
-    hf_model.save_pretrained(tmp)
+    RobertaForQuestionAnswering(HFConfig.from_json_file(args.config)).save_pretrained(tmp)
     hf_tok.save_pretrained(tmp)
+    hf_model = RobertaForQuestionAnswering.from_pretrained(tmp, attn_implementation="sdpa").eval()
     model = load_model(tmp, verbose=False).eval()
     model_int8 = None if args.no_int8 else quantize_int8(load_model(tmp, verbose=False).eval())
     pipe, why_no_pipe = transformers_pipeline(hf_model, hf_tok)
@@ -169,6 +169,7 @@ def main():
     features = featurize(examples, tok, fcfg, with_labels=False)
     lengths = [len(f.input_ids) for f in features]
     flops = window_flops(model.config, lengths)
+    print(f"transformers {transformers.__version__}, torch {torch.__version__}")
     print(f"{len(examples)} questions, {len(features)} windows (mean {np.mean(lengths):.0f} tokens, run_qa pads all "
           f"to {fcfg.max_seq_len}); {model.num_params() / 1e6:.1f}M parameters; {torch.get_num_threads()} threads")
 
@@ -184,6 +185,15 @@ def main():
         contestants["pipeline"] = lambda: pipe(qs, batch_size=args.batch_size, max_seq_len=fcfg.max_seq_len,
                                                doc_stride=fcfg.doc_stride, max_question_len=fcfg.max_query_length)
 
+    if not args.rss_only:
+        race(args, contestants, examples, flops, why_no_pipe)
+    if not args.no_rss:
+        evaluate_rss(args, tmp)
+    if args.accuracy_model:
+        int8_accuracy(args, dcfg)
+
+
+def race(args, contestants, examples, flops, why_no_pipe):
     # Same answers first: a faster wrong program is not a result.
     ours = {q: p.text for q, p in contestants["tinyqa"]().items()}
     theirs = contestants["run_qa (padded)"]()
@@ -207,7 +217,7 @@ def main():
         vs_runqa = best["run_qa (padded)"] / best[name]
         vs_pipe = f"{best['pipeline'] / best[name]:.2f}x" if "pipeline" in best else "n/a"
         print(f"{name:<22}{qps:>12.1f}{vs_runqa:>10.2f}x{vs_pipe:>13}")
-    if pipe is None:
+    if "pipeline" not in contestants:
         print(f"pipeline: not measured: {why_no_pipe}; install transformers<5 in this environment to include it")
     print(f"\nfp32 matmul peak (2048^3 torch.mm, best of {args.rounds} x 2 s): {peak / 1e9:.1f} GFLOP/s")
     print(f"tinyqa forward FLOPs over unpadded windows: {flops / 1e9:.1f} GFLOP")
@@ -216,27 +226,35 @@ def main():
           f"{100 * flops / best['tinyqa forward only'] / peak:.1f}% of peak")
     print(f"peak RSS of this benchmark process: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MB")
 
-    if not args.no_rss:
-        # evaluate.py alone, as a user runs it, on the same questions and the same random tinyroberta weights
-        cmd = [sys.executable, os.path.join(ROOT, "evaluate.py"), "--model", tmp, "--data", args.data,
-               "--limit", str(args.n), "--quiet", "--batch-size", str(args.batch_size)]
-        subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
-        rss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
-        print(f"peak RSS of evaluate.py on {args.n} questions: {rss:.0f} MB")
 
-    if args.accuracy_model:
-        dev = list(read_mrqa(args.accuracy_data))
-        from tinyqa.infer import QuestionAnswerer
-        rows = {}
-        for q in (None, "int8"):
-            qa = QuestionAnswerer.from_pretrained(args.accuracy_model, quantize=q)
-            preds = predict(qa.model, qa.tokenizer, dev, qa.fcfg, dcfg, args.batch_size)
-            rows[q or "fp32"] = score_datasets({k: p.text for k, p in preds.items()}, {"data": dev})["macro"]
-        d_em = rows["int8"]["exact_match"] - rows["fp32"]["exact_match"]
-        d_f1 = rows["int8"]["f1"] - rows["fp32"]["f1"]
-        print(f"\nint8 on {args.accuracy_model} ({len(dev)} questions): EM {rows['fp32']['exact_match']:.2f} -> "
-              f"{rows['int8']['exact_match']:.2f} ({d_em:+.2f}), F1 {rows['fp32']['f1']:.2f} -> {rows['int8']['f1']:.2f} "
-              f"({d_f1:+.2f})")
+def evaluate_rss(args, tmp):
+    """evaluate.py alone, as a user runs it, on the same questions and the same random weights.
+    The child reports its own VmHWM: ru_maxrss of children would count this big process's pages,
+    which the fork copies before exec."""
+    argv = [os.path.join(ROOT, "evaluate.py"), "--model", tmp, "--data", args.data, "--limit", str(args.n),
+            "--quiet", "--batch-size", str(args.batch_size)]
+    code = ("import atexit, runpy, sys; sys.argv = " + repr(argv) + "; atexit.register(lambda: "
+            "print([l for l in open('/proc/self/status') if l.startswith('VmHWM')][0], file=sys.stderr)); "
+            "runpy.run_path(sys.argv[0], run_name='__main__')")
+    r = subprocess.run([sys.executable, "-c", code], check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                       text=True)
+    hwm = int(r.stderr.strip().splitlines()[-1].split()[1]) / 1024  # "VmHWM:  123456 kB"
+    print(f"peak RSS (VmHWM) of evaluate.py on {args.n} questions: {hwm:.0f} MB")
+
+
+def int8_accuracy(args, dcfg):
+    dev = list(read_mrqa(args.accuracy_data))
+    from tinyqa.infer import QuestionAnswerer
+    rows = {}
+    for q in (None, "int8"):
+        qa = QuestionAnswerer.from_pretrained(args.accuracy_model, quantize=q)
+        preds = predict(qa.model, qa.tokenizer, dev, qa.fcfg, dcfg, args.batch_size)
+        rows[q or "fp32"] = score_datasets({k: p.text for k, p in preds.items()}, {"data": dev})["macro"]
+    d_em = rows["int8"]["exact_match"] - rows["fp32"]["exact_match"]
+    d_f1 = rows["int8"]["f1"] - rows["fp32"]["f1"]
+    print(f"\nint8 on {args.accuracy_model} ({len(dev)} questions): EM {rows['fp32']['exact_match']:.2f} -> "
+          f"{rows['int8']['exact_match']:.2f} ({d_em:+.2f}), F1 {rows['fp32']['f1']:.2f} -> {rows['int8']['f1']:.2f} "
+          f"({d_f1:+.2f})")
 
 
 if __name__ == "__main__":

@@ -25,6 +25,7 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+from tinyqa.demo import model_config  # noqa: E402
 from tinyqa.features import FeaturizerConfig, collate, featurize  # noqa: E402
 from tinyqa.losses import distillation_loss  # noqa: E402
 from tinyqa.model import RobertaConfig, RobertaForQA  # noqa: E402
@@ -50,12 +51,6 @@ def get_args():
     return p.parse_args()
 
 
-def small_config(layers, hidden, vocab_size, max_seq_len):
-    return dict(vocab_size=vocab_size, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=4,
-                intermediate_size=4 * hidden, max_position_embeddings=max_seq_len + 2,
-                hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
-
-
 def fwd_flops(cfg, seq_len):
     """Encoder forward matmul FLOPs per token (projections, feed-forward, QK^T and AV)."""
     H, I = cfg.hidden_size, cfg.intermediate_size
@@ -79,12 +74,13 @@ def main():
     save_tokenizer(tok, os.path.join(work, "tok"))
     V = tok.get_vocab_size()
     cfgs = {}
-    for name, path, default in (("student", args.student_config, (2, 128)), ("teacher", args.teacher_config, (4, 256))):
+    for name, path, default in (("student", args.student_config, "2x128"), ("teacher", args.teacher_config, "4x256")):
         if path:
-            d = {k: v for k, v in json.load(open(path)).items()}
+            with open(path) as f:
+                d = json.load(f)
             d.update(vocab_size=V, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
         else:
-            d = small_config(*default, V, args.max_seq_len)
+            d = model_config(default, V, args.max_seq_len)
         cfgs[name] = RobertaConfig(**{k: v for k, v in d.items() if k in RobertaConfig.__dataclass_fields__})
         torch.manual_seed(1)
         save_pretrained(RobertaForQA(cfgs[name]), os.path.join(work, name))
@@ -121,20 +117,18 @@ def main():
                     best[name] = max(best[name], loop_examples_per_s(os.path.join(run_dir, "log.jsonl")))
         finally:
             sys.stdout = out
-    n_windows = len(featurize(list(read_mrqa(train_file)), tok, FeaturizerConfig(args.max_seq_len, args.doc_stride),
-                              with_offsets=False))
+    feats = featurize(list(read_mrqa(train_file)), tok, FeaturizerConfig(args.max_seq_len, args.doc_stride),
+                      with_offsets=False)
     print(f"\n1. distillation through train(), {args.steps} steps of {args.batch_size} windows, best of {args.rounds}:")
     for name, v in best.items():
         print(f"   teacher {name:<11} {v:8.1f} examples/s  {v / args.batch_size:6.2f} steps/s")
-    print(f"   cached / on the fly: {best['cached'] / best['on the fly']:.2f}x  (the cache of {n_windows} windows "
+    print(f"   cached / on the fly: {best['cached'] / best['on the fly']:.2f}x  (the cache of {len(feats)} windows "
           f"was built once, inside the first run of {first:.1f} s)")
 
     # --- 2. tinyqa step vs transformers step, same weights, batch, loss and optimizer
     from transformers import AutoModelForQuestionAnswering
     hf = AutoModelForQuestionAnswering.from_pretrained(os.path.join(work, "student"), attn_implementation="sdpa")
     ours = load_model(os.path.join(work, "student"), verbose=False)
-    feats = featurize(list(read_mrqa(train_file)), tok, FeaturizerConfig(args.max_seq_len, args.doc_stride),
-                      with_offsets=False)
     rng = np.random.default_rng(0)
     batches = [collate([feats[i] for i in rng.choice(len(feats), args.batch_size, replace=False)], with_labels=True)
                for _ in range(args.steps)]

@@ -127,7 +127,17 @@ def collate(features, with_labels=False):
     return batch
 
 
-def length_sorted_batches(features, batch_size):
-    """Indices of features grouped into batches of similar length, so padding stays minimal."""
+def length_sorted_batches(features, batch_size, max_tokens=None):
+    """Indices of features grouped into batches of similar length, so padding stays minimal. With
+    max_tokens, a batch also stops growing before rows x longest window would pass it: batches of long
+    windows get fewer rows, which bounds the activations' memory (a 384-token batch of 64 needs over 1 GB
+    for one tinyroberta feed-forward) without shrinking the matmuls of short windows."""
     order = sorted(range(len(features)), key=lambda i: len(features[i].input_ids))
-    return [order[i: i + batch_size] for i in range(0, len(order), batch_size)]
+    batches, batch = [], []
+    for i in order:
+        n = len(features[i].input_ids)  # the longest so far: the order is ascending
+        if batch and (len(batch) == batch_size or (max_tokens and (len(batch) + 1) * n > max_tokens)):
+            batches.append(batch)
+            batch = []
+        batch.append(i)
+    return batches + [batch] if batch else batches

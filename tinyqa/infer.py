@@ -34,11 +34,13 @@ def quantize_int8(model):
 
 
 @torch.inference_mode()
-def run_model(model, features, batch_size=64, device="cpu", progress=False):
-    """Start and end logits (float32 numpy, unpadded) of every feature, in the features' order."""
+def run_model(model, features, batch_size=64, device="cpu", progress=False, max_tokens=4096):
+    """Start and end logits (float32 numpy, unpadded) of every feature, in the features' order.
+    Batches hold up to batch_size windows and max_tokens padded tokens (10 windows of 384), which keeps
+    evaluate.py with tinyroberta under 1.5 GB (benchmarks/bench_inference.py measures it)."""
     from tqdm import tqdm
     starts, ends = [None] * len(features), [None] * len(features)
-    batches = length_sorted_batches(features, batch_size)
+    batches = length_sorted_batches(features, batch_size, max_tokens)
     for idx in tqdm(batches, desc="inference", unit="batch", disable=not progress):
         batch = collate([features[i] for i in idx])
         out = model(batch["input_ids"].to(device), batch["attention_mask"].to(device))
