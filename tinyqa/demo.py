@@ -78,7 +78,6 @@ def main(argv=None):
     # --- tokenizer
     tok = train_tokenizer([r["context"] for r in train_rows] + [q["question"] for r in train_rows for q in r["qas"]])
     tok_dir = os.path.join(out, "tokenizer")
-    os.makedirs(tok_dir, exist_ok=True)
     save_tokenizer(tok, tok_dir)
     for name, size in (("teacher", args.teacher_size), ("student", args.student_size)):
         with open(os.path.join(out, f"{name}-config.json"), "w") as f:

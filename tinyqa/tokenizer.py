@@ -57,6 +57,7 @@ def tokenizer_fingerprint(tok: Tokenizer) -> str:
 
 
 def save_tokenizer(tok: Tokenizer, directory: str):
+    os.makedirs(directory, exist_ok=True)
     tok.save(os.path.join(directory, "tokenizer.json"))
     # Enough for transformers' AutoTokenizer to pick the file up as a RoBERTa tokenizer.
     with open(os.path.join(directory, "tokenizer_config.json"), "w") as f:
