@@ -22,8 +22,6 @@ and the peak RSS of `evaluate.py` on the same questions, run as a child process.
 """
 import argparse
 import collections
-import gzip
-import json
 import os
 import resource
 import subprocess

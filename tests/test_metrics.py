@@ -5,7 +5,6 @@ import re
 import string
 import subprocess
 import sys
-from collections import Counter
 
 import pytest
 from conftest import ROOT

@@ -14,7 +14,6 @@ transformers' RobertaForQuestionAnswering does not mask pad positions in its CE)
 independent of how much a batch is padded, so length-sorted batches, gradient accumulation and DDP
 shards all optimise the same objective; pad positions carry no answer, so nothing is lost.
 """
-import torch
 import torch.nn.functional as F
 
 # A finite "minus infinity": exp() of it is exactly 0 in float32, yet 0 * it stays 0 (with -inf it is NaN).
