@@ -6,24 +6,12 @@
 
 loss = w * T^2 * (KL_start + KL_end) + (1 - w) * (CE_start + CE_end) / 2   (see tinyqa/losses.py)
 Teacher logits are computed once and cached on disk (float16); --teacher-on-the-fly skips the cache.
-The defaults below are the deepset/tinyroberta model card's hyperparameters.
+The defaults are the deepset/tinyroberta model card's hyperparameters (DISTILL_CARD in tinyqa/train.py).
 """
 from tinyqa.errors import cli_errors
-from tinyqa.train import build_parser, train
-
-CARD = dict(
-    teacher="roberta-large-mrqa",
-    student="tinyroberta-squad2-step1",  # deepset's 6-layer student after its first distillation stage
-    batch_size=96,
-    epochs=4,
-    lr=3e-5,
-    warmup_proportion=0.2,  # LinearWarmup
-    distillation_loss_weight=0.75,
-    temperature=1.5,
-    out="runs/distill",
-)
+from tinyqa.train import DISTILL_CARD, build_parser, train
 
 if __name__ == "__main__":
-    args = build_parser(distill=True, defaults=CARD, description=__doc__).parse_args()
+    args = build_parser(distill=True, defaults=DISTILL_CARD, description=__doc__).parse_args()
     with cli_errors():
         train(args)

@@ -4,21 +4,12 @@
     python train_finetune.py --model DIR --train a.jsonl.gz b.jsonl.gz --epochs 3
 
 Same loop, checkpoints, --resume and torchrun support as train_distill.py; defaults are the card's
-fine-tuning stage (lr 1e-5, 3 epochs, batch 16, weight decay 0.01).
+fine-tuning stage (lr 1e-5, 3 epochs, batch 16, weight decay 0.01; FINETUNE_CARD in tinyqa/train.py).
 """
 from tinyqa.errors import cli_errors
-from tinyqa.train import build_parser, train
-
-CARD = dict(
-    model="runs/distill",  # the distilled student that train_distill.py writes by default
-    batch_size=16,
-    epochs=3,
-    lr=1e-5,
-    warmup_proportion=0.2,
-    out="runs/finetune",
-)
+from tinyqa.train import FINETUNE_CARD, build_parser, train
 
 if __name__ == "__main__":
-    args = build_parser(distill=False, defaults=CARD, description=__doc__).parse_args()
+    args = build_parser(distill=False, defaults=FINETUNE_CARD, description=__doc__).parse_args()
     with cli_errors():
         train(args)

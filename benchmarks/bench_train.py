@@ -96,8 +96,7 @@ def main():
           f"{card_ratio:.1f}x); device {args.device}, {torch.get_num_threads()} threads")
 
     # --- 1. cached teacher logits vs teacher on the fly, through train() itself
-    parser = build_parser(True, dict(teacher=None, student=None, batch_size=96, epochs=4, lr=3e-5,
-                                     warmup_proportion=0.2, distillation_loss_weight=0.75, temperature=1.5, out=""), "")
+    parser = build_parser(True)
     common = ["--train", train_file, "--teacher", os.path.join(work, "teacher"), "--student",
               os.path.join(work, "student"), "--max-seq-len", str(args.max_seq_len), "--doc-stride",
               str(args.doc_stride), "--batch-size", str(args.batch_size), "--epochs", "1", "--save-every", "0",

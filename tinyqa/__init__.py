@@ -5,5 +5,5 @@ from .model import QAOutput, RobertaConfig, RobertaForQA
 from .tokenizer import load_tokenizer
 from .weights import ALIASES, load_model, save_pretrained
 
-__all__ = ["TinyQAError", "Answer", "QuestionAnswerer", "QAOutput", "RobertaConfig", "RobertaForQA", "load_tokenizer", "ALIASES",
-           "load_model", "save_pretrained"]
+__all__ = ["TinyQAError", "Answer", "QuestionAnswerer", "QAOutput", "RobertaConfig", "RobertaForQA",
+           "load_tokenizer", "ALIASES", "load_model", "save_pretrained"]

@@ -64,7 +64,6 @@ def main(argv=None):
     out = args.out
     os.makedirs(out, exist_ok=True)
     t_start = time.perf_counter()
-    say = print
 
     # --- data: distractor people in every context, several phrasings per question, a few long contexts
     shape = dict(people=(2, 3), facts=(1, 2), long_fraction=0.05, long_people=(6, 8), filler=0.1, shared_facts=0.1)
@@ -72,7 +71,7 @@ def main(argv=None):
     dev_rows = make_dataset(args.dev_contexts, args.seed + 1, split="dev", **shape)
     train_file = write_mrqa(os.path.join(out, "train.jsonl.gz"), train_rows, "Synthetic", "train")
     dev_file = write_mrqa(os.path.join(out, "dev.jsonl.gz"), dev_rows, "Synthetic", "dev")
-    say(f"data: {sum(len(r['qas']) for r in train_rows)} train and {sum(len(r['qas']) for r in dev_rows)} dev "
+    print(f"data: {sum(len(r['qas']) for r in train_rows)} train and {sum(len(r['qas']) for r in dev_rows)} dev "
         f"questions in {out}/")
 
     # --- tokenizer
@@ -87,10 +86,7 @@ def main(argv=None):
               "--doc-stride", str(args.doc_stride), "--batch-size", str(args.batch_size), "--lr", str(args.lr),
               "--warmup-proportion", "0.1", "--seed", str(args.seed), "--save-every", "0", "--device", "cpu",
               *(["--quiet"] if args.quiet else [])]
-    finetune = build_parser(False, dict(model=None, batch_size=16, epochs=3, lr=1e-5, warmup_proportion=0.2, out=""), "")
-    distill = build_parser(True, dict(teacher=None, student=None, batch_size=96, epochs=4, lr=3e-5,
-                                      warmup_proportion=0.2, distillation_loss_weight=0.75, temperature=1.5,
-                                      out=""), "")
+    finetune, distill = build_parser(False), build_parser(True)  # the card's w 0.75 and T 1.5 stay
     dirs = {k: os.path.join(out, k) for k in ("teacher", "student-distilled", "student-ce", "student-init")}
     timings = {"student-init": 0.0}
 
@@ -104,20 +100,20 @@ def main(argv=None):
                    "doc_stride": args.doc_stride, "max_query_length": 64}, f, indent=2)
 
     # --- teacher (train_finetune's loop, from random weights)
-    say(f"\n== teacher {args.teacher_size}: span cross-entropy, {args.teacher_epochs} epochs")
+    print(f"\n== teacher {args.teacher_size}: span cross-entropy, {args.teacher_epochs} epochs")
     t = time.perf_counter()
     train(finetune.parse_args([*common, "--init-config", os.path.join(out, "teacher-config.json"),
                                "--epochs", str(args.teacher_epochs), "--out", dirs["teacher"]]))
     timings["teacher"] = time.perf_counter() - t
 
     # --- students: the same init (seed) and budget; one learns from the teacher, one from the labels only
-    say(f"\n== student {args.student_size}: distilled from the teacher (w 0.75, T 1.5), {args.student_epochs} epochs")
+    print(f"\n== student {args.student_size}: distilled from the teacher (w 0.75, T 1.5), {args.student_epochs} epochs")
     t = time.perf_counter()
     train(distill.parse_args([*common, "--teacher", dirs["teacher"], "--init-config",
                               os.path.join(out, "student-config.json"), "--epochs", str(args.student_epochs),
                               "--teacher-cache", os.path.join(out, "teacher-logits"), "--out", dirs["student-distilled"]]))
     timings["student-distilled"] = time.perf_counter() - t
-    say(f"\n== student {args.student_size}: cross-entropy only, same budget")
+    print(f"\n== student {args.student_size}: cross-entropy only, same budget")
     t = time.perf_counter()
     train(finetune.parse_args([*common, "--init-config", os.path.join(out, "student-config.json"),
                                "--epochs", str(args.student_epochs), "--out", dirs["student-ce"]]))
@@ -141,21 +137,20 @@ def main(argv=None):
         json.dump(results, f, indent=2)
 
     # --- the table
-    say(f"\n{'model':<20}{'params':>10}{'EM':>8}{'F1':>8}{'questions/s':>13}{'train s':>9}")
+    print(f"\n{'model':<20}{'params':>10}{'EM':>8}{'F1':>8}{'questions/s':>13}{'train s':>9}")
     for name in dirs:
         r = results[name]
-        say(f"{name:<20}{r['parameters']:>10,}{r['exact_match']:>8.2f}{r['f1']:>8.2f}{r['questions_per_s']:>13.1f}"
+        print(f"{name:<20}{r['parameters']:>10,}{r['exact_match']:>8.2f}{r['f1']:>8.2f}{r['questions_per_s']:>13.1f}"
             f"{r['train_seconds']:>9.1f}")
     gain = results["distillation_beats_ce_only"]
     verdict = "beat" if gain["f1"] > 0 else "did not beat"
-    say(f"\ndistillation {verdict} CE-only training of the same student: F1 {gain['f1']:+.2f}, EM {gain['exact_match']:+.2f}")
+    print(f"\ndistillation {verdict} CE-only training of the same student: F1 {gain['f1']:+.2f}, EM {gain['exact_match']:+.2f}")
     ex = min(dev, key=lambda e: len(e.context))
-    say(f"total {results['total_seconds']:.0f}s. Try:\n  python evaluate.py --model {dirs['student-distilled']} "
+    print(f"total {results['total_seconds']:.0f}s. Try:\n  python evaluate.py --model {dirs['student-distilled']} "
         f"--data {dev_file}\n  python -m tinyqa answer --model {dirs['teacher']} --question "
         f"\"{ex.question}\" --context \"{ex.context}\"")
     return results
 
 
 if __name__ == "__main__":
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     main()

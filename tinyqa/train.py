@@ -47,8 +47,31 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefau
         return super()._get_help_string(action)
 
 
-def build_parser(distill: bool, defaults: dict, description: str) -> argparse.ArgumentParser:
-    """The command line of both training scripts; `defaults` are the model card's values for each."""
+# The model card's hyperparameters: the defaults of train_distill.py and train_finetune.py.
+DISTILL_CARD = dict(
+    teacher="roberta-large-mrqa",
+    student="tinyroberta-squad2-step1",  # deepset's 6-layer student after its first distillation stage
+    batch_size=96,
+    epochs=4,
+    lr=3e-5,
+    warmup_proportion=0.2,  # LinearWarmup
+    distillation_loss_weight=0.75,
+    temperature=1.5,
+    out="runs/distill",
+)
+FINETUNE_CARD = dict(
+    model="runs/distill",  # the distilled student that train_distill.py writes by default
+    batch_size=16,
+    epochs=3,
+    lr=1e-5,
+    warmup_proportion=0.2,
+    out="runs/finetune",
+)
+
+
+def build_parser(distill: bool, defaults: dict = None, description: str = "") -> argparse.ArgumentParser:
+    """The command line of both training scripts; `defaults` are the model card's values unless given."""
+    defaults = defaults or (DISTILL_CARD if distill else FINETUNE_CARD)
     p = argparse.ArgumentParser(description=description, formatter_class=HelpFormatter)
     g = p.add_argument_group("data")
     g.add_argument("--train", nargs="+", metavar="FILE",
