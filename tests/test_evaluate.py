@@ -59,3 +59,30 @@ def test_cli_errors_are_one_line(tmp_path):
     r = subprocess.run([sys.executable, "-m", "tinyqa", "answer", "--model", "no-such-model", "--question", "q",
                         "--context", "c"], capture_output=True, text=True, cwd=ROOT)
     assert r.returncode == 2 and "unknown model 'no-such-model'" in r.stderr and r.stderr.count("\n") == 1
+
+
+def test_run_model_batches_equal_windows_run_alone():
+    """Length-sorted, token-capped batches change nothing: every window's logits equal the model run on that
+    window alone (no padding), and no CPU batch passes CPU_MAX_TOKENS padded tokens."""
+    import numpy as np
+    from tinyqa.features import Feature
+    from tinyqa.infer import CPU_MAX_TOKENS, run_model
+    torch.manual_seed(0)
+    model = RobertaForQA(RobertaConfig(**SMALL, vocab_size=100)).eval()
+    rng = np.random.default_rng(0)
+    lengths = [384, 12, 200, 384, 384, 384, 5, 384, 90, 300, 384, 17]
+    feats = [Feature(rng.integers(3, 100, n).astype(np.int32), np.zeros((n, 2), np.int32), i)
+             for i, n in enumerate(lengths)]
+    shapes = []
+    model.register_forward_hook(lambda m, args, out: shapes.append(tuple(args[0].shape)))
+    starts, ends = run_model(model, feats, batch_size=64)
+    assert all(b * L <= CPU_MAX_TOKENS for b, L in shapes) and sum(b for b, _ in shapes) == len(feats)
+    assert max(b for b, _ in shapes) > 1  # short windows still share batches
+    shapes.clear()
+    with torch.inference_mode():
+        for f, s, e in zip(feats, starts, ends):
+            ids = torch.from_numpy(f.input_ids.astype(np.int64))[None]
+            out = model(ids, torch.ones_like(ids))
+            assert s.shape == e.shape == (len(f.input_ids),)
+            np.testing.assert_allclose(s, out.start_logits[0].numpy(), atol=1e-5)
+            np.testing.assert_allclose(e, out.end_logits[0].numpy(), atol=1e-5)

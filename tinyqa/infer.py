@@ -33,14 +33,26 @@ def quantize_int8(model):
     return quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
 
 
+# On CPU, batches hold at most this many padded tokens (4 windows of 384). Not for memory: the largest
+# activation, the feed-forward's (tokens, intermediate_size) float32, then stays under 32 MB (19 MB for
+# tinyroberta, 25 MB for roberta-large). glibc's malloc hands freed blocks up to 32 MB back out again, but
+# serves bigger ones with a fresh mmap whose every page the kernel must zero on first touch. Measured end
+# to end on 2 cores (benchmarks/bench_inference.py): 77% of the matmul peak with 4,096-token batches, 90%
+# with 1,536; the matmuls, 1,536 x 768 or bigger, lose nothing by being smaller. It also lowers peak RSS.
+# GPUs have a caching allocator and want big batches, so there only batch_size limits a batch.
+CPU_MAX_TOKENS = 1536
+
+
+def max_tokens_for(device):
+    return CPU_MAX_TOKENS if torch.device(device).type == "cpu" else None
+
+
 @torch.inference_mode()
-def run_model(model, features, batch_size=64, device="cpu", progress=False, max_tokens=4096):
-    """Start and end logits (float32 numpy, unpadded) of every feature, in the features' order.
-    Batches hold up to batch_size windows and max_tokens padded tokens (10 windows of 384), which keeps
-    evaluate.py with tinyroberta under 1.5 GB (benchmarks/bench_inference.py measures it)."""
+def run_model(model, features, batch_size=64, device="cpu", progress=False):
+    """Start and end logits (float32 numpy, unpadded) of every feature, in the features' order."""
     from tqdm import tqdm
     starts, ends = [None] * len(features), [None] * len(features)
-    batches = length_sorted_batches(features, batch_size, max_tokens)
+    batches = length_sorted_batches(features, batch_size, max_tokens_for(device))
     for idx in tqdm(batches, desc="inference", unit="batch", disable=not progress):
         batch = collate([features[i] for i in idx])
         out = model(batch["input_ids"].to(device), batch["attention_mask"].to(device))

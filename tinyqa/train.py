@@ -28,6 +28,7 @@ from torch.optim.lr_scheduler import LambdaLR
 
 from .errors import TinyQAError
 from .features import FeaturizerConfig, collate, featurize, length_sorted_batches
+from .infer import max_tokens_for
 from .losses import distillation_loss, span_ce_loss
 from .model import RobertaConfig, RobertaForQA
 from .mrqa import ReadReport, read_mrqa, split_files
@@ -191,7 +192,8 @@ def compute_teacher_cache(teacher, features, folder, batch_size, device, autocas
     os.makedirs(tmp)
     logits = np.lib.format.open_memmap(os.path.join(tmp, "logits.npy"), mode="w+", dtype=np.float16,
                                        shape=(int(offsets[-1]), 2))
-    for idx in tqdm(length_sorted_batches(features, batch_size), desc="teacher logits", disable=not progress):
+    for idx in tqdm(length_sorted_batches(features, batch_size, max_tokens_for(device)),
+                    desc="teacher logits", disable=not progress):
         batch = collate([features[i] for i in idx])
         with autocast:
             out = teacher(batch["input_ids"].to(device), batch["attention_mask"].to(device))
