@@ -78,7 +78,6 @@ def test_run_model_batches_equal_windows_run_alone():
     starts, ends = run_model(model, feats, batch_size=64)
     assert all(b * L <= CPU_MAX_TOKENS for b, L in shapes) and sum(b for b, _ in shapes) == len(feats)
     assert max(b for b, _ in shapes) > 1  # short windows still share batches
-    shapes.clear()
     with torch.inference_mode():
         for f, s, e in zip(feats, starts, ends):
             ids = torch.from_numpy(f.input_ids.astype(np.int64))[None]
