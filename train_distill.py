@@ -9,9 +9,9 @@ Teacher logits are computed once and cached on disk (float16); --teacher-on-the-
 The defaults are the deepset/tinyroberta model card's hyperparameters (DISTILL_CARD in tinyqa/train.py).
 """
 from tinyqa.errors import cli_errors
-from tinyqa.train import DISTILL_CARD, build_parser, train
+from tinyqa.train import build_parser, train
 
 if __name__ == "__main__":
-    args = build_parser(distill=True, defaults=DISTILL_CARD, description=__doc__).parse_args()
+    args = build_parser(distill=True, description=__doc__).parse_args()
     with cli_errors():
         train(args)

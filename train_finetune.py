@@ -7,9 +7,9 @@ Same loop, checkpoints, --resume and torchrun support as train_distill.py; defau
 fine-tuning stage (lr 1e-5, 3 epochs, batch 16, weight decay 0.01; FINETUNE_CARD in tinyqa/train.py).
 """
 from tinyqa.errors import cli_errors
-from tinyqa.train import FINETUNE_CARD, build_parser, train
+from tinyqa.train import build_parser, train
 
 if __name__ == "__main__":
-    args = build_parser(distill=False, defaults=FINETUNE_CARD, description=__doc__).parse_args()
+    args = build_parser(distill=False, description=__doc__).parse_args()
     with cli_errors():
         train(args)

@@ -37,6 +37,7 @@ sys.path.insert(0, ROOT)
 from tinyqa.features import FeaturizerConfig, featurize  # noqa: E402
 from tinyqa.infer import DecodeConfig, predict, quantize_int8, run_model  # noqa: E402
 from tinyqa.metrics import score_datasets  # noqa: E402
+from tinyqa.model import flops_per_token  # noqa: E402
 from tinyqa.mrqa import read_mrqa  # noqa: E402
 from tinyqa.tokenizer import load_tokenizer  # noqa: E402
 from tinyqa.weights import load_model  # noqa: E402
@@ -78,14 +79,6 @@ def matmul_peak(seconds=2.0, n=2048):
             torch.mm(a, b)
         best = max(best, 4 * 2 * n ** 3 / (time.perf_counter() - t))
     return best
-
-
-def window_flops(cfg, lengths):
-    """Exact forward matmul FLOPs (2 per multiply-add) of windows of these lengths, unpadded."""
-    H, I, N = cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers
-    L = np.asarray(lengths, dtype=np.float64)
-    per_layer = 2 * L * (4 * H * H + 2 * H * I) + 2 * 2 * L * L * H  # projections, QK^T and AV
-    return float((N * per_layer + 2 * L * H * 2).sum())  # + qa_outputs
 
 
 # --- the transformers baseline as examples/pytorch/question-answering/run_qa.py evaluates
@@ -166,7 +159,7 @@ def main():
 
     features = featurize(examples, tok, fcfg, with_labels=False)
     lengths = [len(f.input_ids) for f in features]
-    flops = window_flops(model.config, lengths)
+    flops = sum(n * flops_per_token(model.config, n) for n in lengths)  # exact: each window unpadded
     print(f"transformers {transformers.__version__}, torch {torch.__version__}")
     print(f"{len(examples)} questions, {len(features)} windows (mean {np.mean(lengths):.0f} tokens, run_qa pads all "
           f"to {fcfg.max_seq_len}); {model.num_params() / 1e6:.1f}M parameters; {torch.get_num_threads()} threads")

@@ -28,7 +28,7 @@ sys.path.insert(0, ROOT)
 from tinyqa.demo import model_config  # noqa: E402
 from tinyqa.features import FeaturizerConfig, collate, featurize  # noqa: E402
 from tinyqa.losses import distillation_loss  # noqa: E402
-from tinyqa.model import RobertaConfig, RobertaForQA  # noqa: E402
+from tinyqa.model import RobertaConfig, RobertaForQA, flops_per_token  # noqa: E402
 from tinyqa.mrqa import read_mrqa  # noqa: E402
 from tinyqa.synthetic import make_dataset, train_tokenizer, write_mrqa  # noqa: E402
 from tinyqa.tokenizer import save_tokenizer  # noqa: E402
@@ -49,12 +49,6 @@ def get_args():
     p.add_argument("--device", default="cpu", help="torch device")
     p.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"], help="autocast dtype on CUDA")
     return p.parse_args()
-
-
-def fwd_flops(cfg, seq_len):
-    """Encoder forward matmul FLOPs per token (projections, feed-forward, QK^T and AV)."""
-    H, I = cfg.hidden_size, cfg.intermediate_size
-    return cfg.num_hidden_layers * (2 * (4 * H * H + 2 * H * I) + 4 * seq_len * H)
 
 
 def loop_examples_per_s(log_path, skip=3):
@@ -88,9 +82,9 @@ def main():
         with open(os.path.join(work, f"{name}.json"), "w") as f:
             json.dump(d, f)
     s_cfg, t_cfg = cfgs["student"], cfgs["teacher"]
-    ratio = fwd_flops(t_cfg, 100) / fwd_flops(s_cfg, 100)
+    ratio = flops_per_token(t_cfg, 100) / flops_per_token(s_cfg, 100)
     large = RobertaConfig(num_hidden_layers=24, hidden_size=1024, intermediate_size=4096, num_attention_heads=16)
-    card_ratio = fwd_flops(large, 100) / fwd_flops(RobertaConfig(num_hidden_layers=6), 100)
+    card_ratio = flops_per_token(large, 100) / flops_per_token(RobertaConfig(num_hidden_layers=6), 100)
     print(f"student {s_cfg.num_hidden_layers}x{s_cfg.hidden_size}, teacher {t_cfg.num_hidden_layers}x"
           f"{t_cfg.hidden_size}: teacher/student forward FLOPs per token {ratio:.1f}x (tinyroberta/roberta-large: "
           f"{card_ratio:.1f}x); device {args.device}, {torch.get_num_threads()} threads")

@@ -221,3 +221,19 @@ def test_cuda_parity_fp32_and_half(tmp_path, shared, tokenizer_dir, squad_pairs)
         valid = mask.bool().cpu()  # padded positions carry no meaning in reduced precision
         assert_close(out.start_logits.cpu()[valid], ref.start_logits[valid], atol, f"cuda {dtype} start")
         assert_close(out.end_logits.cpu()[valid], ref.end_logits[valid], atol, f"cuda {dtype} end")
+
+
+def test_flops_per_token_matches_torch_flop_counter():
+    """The FLOP count the benchmarks divide by equals torch's own FlopCounterMode over a real forward (with
+    SDPA's math backend, whose matmuls the counter sees), for windows of two lengths."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+    from tinyqa.model import RobertaForQA, flops_per_token
+    cfg = RobertaConfig(vocab_size=100, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                        intermediate_size=128)
+    model = RobertaForQA(cfg).eval()
+    for L in (7, 37):
+        ids = torch.randint(3, 100, (2, L))
+        with torch.inference_mode(), sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+            model(ids, torch.ones_like(ids))
+        assert counter.get_total_flops() == 2 * L * flops_per_token(cfg, L)

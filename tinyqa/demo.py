@@ -26,6 +26,7 @@ import time
 
 import torch
 
+from .features import FeaturizerConfig
 from .infer import QuestionAnswerer, predict
 from .metrics import score_datasets
 from .model import RobertaConfig, RobertaForQA
@@ -99,7 +100,8 @@ def main(argv=None):
                     dirs["student-init"], tokenizer=tok)
     with open(os.path.join(dirs["student-init"], "args.json"), "w") as f:  # its window settings, as train() writes
         json.dump({"init": f"random, seed {args.seed}", "max_seq_len": args.max_seq_len,
-                   "doc_stride": args.doc_stride, "max_query_length": 64}, f, indent=2)
+                   "doc_stride": args.doc_stride,
+                   "max_query_length": FeaturizerConfig().max_query_length}, f, indent=2)
 
     # --- teacher (train_finetune's loop, from random weights)
     print(f"\n== teacher {args.teacher_size}: span cross-entropy, {args.teacher_epochs} epochs")

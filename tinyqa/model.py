@@ -199,9 +199,10 @@ class RobertaForQA(nn.Module):
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
-    def flops_per_token(self, seq_len: int) -> float:
-        """Forward multiply-adds x 2 per token for a window of seq_len tokens (matmuls only)."""
-        c = self.config
-        H, I, N = c.hidden_size, c.intermediate_size, c.num_hidden_layers
-        per_layer = 2 * (4 * H * H + 2 * H * I) + 2 * 2 * seq_len * H  # projections + QK^T and AV
-        return N * per_layer + 2 * 2 * H
+
+def flops_per_token(cfg: RobertaConfig, seq_len: int) -> float:
+    """Forward FLOPs (2 per multiply-add, matmuls only) per token of a window of seq_len tokens: what the
+    benchmarks divide by time to compare against the machine's matmul peak."""
+    H, I, N = cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers
+    per_layer = 2 * (4 * H * H + 2 * H * I) + 2 * 2 * seq_len * H  # Q, K, V, out, up, down + QK^T and AV
+    return N * per_layer + 2 * 2 * H  # + qa_outputs
