@@ -1,9 +1,11 @@
 """tinyqa: a readable, pure-PyTorch TinyRoBERTa-MRQA (model, MRQA data, evaluation, distillation)."""
+from .decode import Answer, DecodeConfig
 from .errors import TinyQAError
-from .infer import Answer, QuestionAnswerer
+from .features import FeaturizerConfig
+from .infer import QuestionAnswerer
 from .model import QAOutput, RobertaConfig, RobertaForQA
 from .tokenizer import load_tokenizer
 from .weights import ALIASES, load_model, save_pretrained
 
-__all__ = ["TinyQAError", "Answer", "QuestionAnswerer", "QAOutput", "RobertaConfig", "RobertaForQA",
-           "load_tokenizer", "ALIASES", "load_model", "save_pretrained"]
+__all__ = ["TinyQAError", "Answer", "DecodeConfig", "FeaturizerConfig", "QuestionAnswerer", "QAOutput",
+           "RobertaConfig", "RobertaForQA", "load_tokenizer", "ALIASES", "load_model", "save_pretrained"]

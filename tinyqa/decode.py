@@ -1,21 +1,66 @@
-"""From start/end logits over an example's windows to the best answer substring of its context.
+"""From start/end logits over an example's windows to answer substrings of its context: two decoders.
 
-The n-best search of google-research/bert `run_squad.py` (`write_predictions`) and transformers'
-`postprocess_qa_predictions`, vectorised per window:
-1. only context tokens may start or end an answer (question and special tokens are masked out);
-2. take the n_best highest start logits and the n_best highest end logits;
-3. every (start, end) pair with start <= end and at most max_answer_len tokens is a candidate with
-   score start_logit + end_logit (the log of an unnormalised joint probability);
-4. the best candidate over all windows wins; its tokens' char offsets give the exact context substring.
-Because windows overlap, an answer near a border is seen whole in one window and cut in the other;
-the cut one cannot reproduce its full span (its end token is missing), so the whole one wins when the
-model scores it higher, and a span can never cross a window's border.
-MRQA always has an answer; `allow_null` adds SQuAD 2.0's null answer, scored as the smallest
-start[0] + end[0] (the <s> token) over the windows and chosen when it beats the best span.
+1. `decode` / `decode_nbest` (evaluate.py, training's eval): the n-best search of google-research/bert
+   `run_squad.py` (`write_predictions`) and transformers' run_qa `postprocess_qa_predictions`, vectorised
+   per window:
+   a. only context tokens may start or end an answer (question and special tokens are masked out);
+   b. take the n_best highest start logits and the n_best highest end logits;
+   c. every (start, end) pair with start <= end and at most max_answer_len tokens is a candidate with
+      score start_logit + end_logit (the log of an unnormalised joint probability);
+   d. the best candidate over all windows wins; its tokens' char offsets give the exact context substring.
+   Because windows overlap, an answer near a border is seen whole in one window and cut in the other;
+   the cut one cannot reproduce its full span (its end token is missing), so the whole one wins when the
+   model scores it higher, and a span can never cross a window's border.
+   MRQA always has an answer; `allow_null` adds SQuAD 2.0's null answer, scored as the smallest
+   start[0] + end[0] (the <s> token) over the windows and chosen when it beats the best span.
+
+2. `answer_example` (the answer API, `QuestionAnswerer`): transformers' question-answering pipeline
+   (4.x `pipelines/question_answering.py`, `select_starts_ends` / `decode_spans` / `postprocess`), whose
+   score is a probability:
+   a. per WINDOW, softmax the start logits and the end logits over that window's context tokens and its
+      <s> token (the pipeline leaves <s> unmasked so that it can hold the null answer); each window is
+      normalised on its own, so probabilities of different windows are not shares of one whole;
+   b. a span's score is p_start * p_end, over spans with start <= end < start + max_answer_len;
+   c. each window offers its k best spans (k = 2 * top_k + 10 with align_to_words, as some merge, else
+      top_k); with align_to_words a span is widened to whole words (the tokenizer's pre-tokens);
+   d. spans whose texts are equal ignoring case are ONE answer: the first seen (window order, then score)
+      keeps its offsets and the later ones add their probability to it. So the same span found in two
+      overlapping windows is listed once, and "Paris" twice in a context scores p1 + p2;
+   e. with handle_impossible_answer, the null answer ("", offsets 0..0) scores the smallest
+      p_start(<s>) * p_end(<s>) over the windows and is ranked among the others;
+   f. the top_k answers by score, best first.
+   Unlike the pipeline, only valid spans are returned: where a window has fewer valid spans than k, the
+   pipeline fills its k with zero-probability pairs (end before start, or <s>), which can surface as
+   empty or reversed answers with score 0 on tiny contexts.
+
+Worked example of (a)-(b): a window <s> q </s></s> c0 c1 </s> with start logits (2, ., ., ., 1, 3, .) over
+<s>, c0, c1 gives p_start = softmax(2, 1, 3) = (.245, .090, .665); the span c1..c1 scores .665 * p_end(c1).
 """
 from dataclasses import dataclass
 
 import numpy as np
+
+
+@dataclass
+class DecodeConfig:
+    """How logits become answers. n_best is the run_qa decoder's (evaluate.py); top_k and align_to_words
+    are the answer API's; max_answer_len and allow_null (the API's handle_impossible_answer) are both's."""
+    n_best: int = 20  # start and end candidates per window (run_qa's n_best_size)
+    max_answer_len: int = 30  # tokens (run_qa's default; the 4.x pipeline's was 15)
+    allow_null: bool = False  # SQuAD 2.0-style models only: MRQA questions always have an answer
+    top_k: int = 1  # answers per question
+    align_to_words: bool = True  # widen answers to whole words, as the pipeline does
+
+
+@dataclass
+class Answer:
+    """One answer of the answer API. score is the QA pipeline's probability (see the module docstring);
+    logit_score is start_logit + end_logit of the span (the run_qa decoder's score)."""
+    text: str
+    score: float
+    start: int  # char offsets into the context, end exclusive; 0, 0 for the null answer (as the pipeline)
+    end: int
+    logit_score: float = 0.0
 
 
 @dataclass
@@ -69,3 +114,131 @@ def decode(examples, features, start_logits, end_logits, n_best=20, max_answer_l
         a, b = int(features[fi].offsets[ts, 0]), int(features[fi].offsets[te, 1])
         out[ex.qid] = Prediction(ex.context[a:b], score, a, b)
     return out
+
+
+def window_candidates(start_logits, end_logits, offsets, n_best=20, max_answer_len=30):
+    """All valid spans of one window among its n_best best starts x n_best best ends (context tokens only):
+    (scores, token starts, token ends), best first. best_span_in_window is the first of these."""
+    is_context = offsets[:, 0] >= 0
+    s = np.where(is_context, start_logits, -np.inf)
+    e = np.where(is_context, end_logits, -np.inf)
+    k = min(n_best, int(is_context.sum()))
+    if k == 0:
+        return np.zeros(0), np.zeros(0, int), np.zeros(0, int)
+    top_s = np.argpartition(-s, k - 1)[:k]
+    top_e = np.argpartition(-e, k - 1)[:k]
+    length = top_e[None, :] - top_s[:, None] + 1  # (k, k): rows are starts, columns ends
+    score = s[top_s][:, None] + e[top_e][None, :]  # (k, k)
+    valid = (length >= 1) & (length <= max_answer_len) & np.isfinite(score)
+    rows, cols = np.nonzero(valid)
+    order = np.argsort(-score[rows, cols], kind="stable")
+    rows, cols = rows[order], cols[order]
+    return score[rows, cols].astype(np.float64), top_s[rows], top_e[cols]
+
+
+def decode_nbest(examples, features, start_logits, end_logits, n_best=20, max_answer_len=30,
+                 allow_null=False) -> dict:
+    """{qid: [candidate]}: run_qa's nbest_predictions.json. Each candidate is a dict with text, start, end
+    (char offsets, end exclusive), probability (softmax of the logit sums over this example's list),
+    start_logit and end_logit; best first. As in run_qa, the list holds the n_best best candidates over
+    all windows, plus the null answer (text "", offsets 0, 0) with allow_null even when it ranks lower.
+    Unlike run_qa, a char span found in two overlapping windows is listed once, with its best score;
+    its first entry is always `decode`'s pick. An example with no valid span gets an empty list."""
+    cands = {i: {} for i in range(len(examples))}  # example index -> {(a, b): (score, start_logit, end_logit)}
+    null = {}  # example index -> (score, start_logit, end_logit) of the window with the smallest null score
+    for fi, f in enumerate(features):
+        sl, el = np.asarray(start_logits[fi], np.float64), np.asarray(end_logits[fi], np.float64)
+        mine = cands[f.example_index]
+        for score, ts, te in zip(*window_candidates(sl, el, f.offsets, n_best, max_answer_len)):
+            key = (int(f.offsets[ts, 0]), int(f.offsets[te, 1]))
+            if key not in mine or score > mine[key][0]:
+                mine[key] = (float(score), float(sl[ts]), float(el[te]))
+        if f.example_index not in null or sl[0] + el[0] < null[f.example_index][0]:
+            null[f.example_index] = (float(sl[0] + el[0]), float(sl[0]), float(el[0]))
+    out = {}
+    for i, ex in enumerate(examples):
+        ranked = sorted(cands[i].items(), key=lambda kv: -kv[1][0])
+        items = [(ex.context[a:b], a, b, *v) for (a, b), v in ranked]
+        if allow_null and i in null:
+            items.append(("", 0, 0, *null[i]))
+            items.sort(key=lambda x: -x[3])  # stable: the null answer goes after spans of equal score
+        top = items[:n_best]
+        if allow_null and i in null and not any(x[0] == "" and x[1] == x[2] == 0 for x in top):
+            top.append(("", 0, 0, *null[i]))  # run_qa adds the null answer back when it ranks lower
+        scores = np.array([x[3] for x in top])
+        probs = np.exp(scores - scores.max()) / np.exp(scores - scores.max()).sum() if len(top) else scores
+        out[ex.qid] = [{"text": t, "start": a, "end": b, "probability": float(p), "start_logit": s_, "end_logit": e_}
+                       for (t, a, b, _, s_, e_), p in zip(top, probs)]
+    return out
+
+
+# --- the answer API's decoder: the QA pipeline's probabilities
+
+def window_probabilities(start_logits, end_logits, is_context):
+    """Softmax of one window's start and end logits over its context tokens and <s> (index 0), in float64;
+    every other token gets probability 0. The pipeline's `select_starts_ends` normalisation."""
+    keep = is_context.copy()
+    keep[0] = True
+    out = []
+    for x in (start_logits, end_logits):
+        x = np.where(keep, np.asarray(x, np.float64), -np.inf)
+        x = np.exp(x - x.max())
+        out.append(x / x.sum())
+    return out
+
+
+def top_spans(p_start, p_end, is_context, k, max_answer_len):
+    """The k most probable valid spans of one window: (probabilities, token starts, token ends), best first.
+    Valid: both ends context tokens, start <= end < start + max_answer_len."""
+    ctx = np.nonzero(is_context)[0]  # the context tokens are one contiguous run
+    if len(ctx) == 0:
+        return np.zeros(0), np.zeros(0, int), np.zeros(0, int)
+    ps, pe = p_start[ctx], p_end[ctx]
+    n = len(ctx)
+    length = np.arange(n)[None, :] - np.arange(n)[:, None] + 1  # (n, n): rows are starts, columns ends
+    score = np.where((length >= 1) & (length <= max_answer_len), ps[:, None] * pe[None, :], -1.0)  # (n, n)
+    flat = score.ravel()
+    k = min(k, int((flat >= 0).sum()))
+    if k == 0:
+        return np.zeros(0), np.zeros(0, int), np.zeros(0, int)
+    idx = np.argpartition(-flat, k - 1)[:k] if k < len(flat) else np.arange(len(flat))
+    idx = idx[np.lexsort((idx, -flat[idx]))]  # best first; ties: the earlier start, then end (np.argmax's pick)
+    rows, cols = np.unravel_index(idx, score.shape)
+    return flat[idx], ctx[rows], ctx[cols]
+
+
+def char_span(offsets, words, ts, te, align_to_words):
+    """Char offsets (a, b) of tokens ts..te of a window. With align_to_words, widened to the whole words
+    that ts and te belong to, as far as those words lie in this window (the pipeline's word_to_chars on
+    the window's own encoding). Worked example: context "Eiffel-Tower's", tokens "E"(0,1) "iff"(1,4)
+    "el"(4,6) "-"(6,7) "T"(7,8) "ower"(8,12) "'s"(12,14) with words 0 0 0 1 2 2 3: the span "iff".."el"
+    becomes "Eiffel" (0, 6), and "ower" alone becomes "Tower" (7, 12)."""
+    if align_to_words and words is not None and words[ts] >= 0 and words[te] >= 0:
+        ts = int(np.nonzero(words == words[ts])[0][0])
+        te = int(np.nonzero(words == words[te])[0][-1])
+    return int(offsets[ts, 0]), int(offsets[te, 1])
+
+
+def answer_example(context, windows, top_k=1, max_answer_len=30, handle_impossible_answer=False,
+                   align_to_words=True) -> list:
+    """The top_k Answers of one question, best first, decoded as the QA pipeline does (module docstring).
+    windows: (start_logits, end_logits, offsets, words) of each of its features, in context order."""
+    k = 2 * top_k + 10 if align_to_words else top_k  # the pipeline's candidates per window
+    answers, by_text = [], {}  # by_text: lower-cased text -> index into answers
+    null = None  # (probability, logit score) of the window with the smallest null probability
+    for start_logits, end_logits, offsets, words in windows:
+        is_context = offsets[:, 0] >= 0
+        p_start, p_end = window_probabilities(start_logits, end_logits, is_context)
+        if null is None or p_start[0] * p_end[0] < null[0]:
+            null = (float(p_start[0] * p_end[0]), float(start_logits[0] + end_logits[0]))
+        for p, ts, te in zip(*top_spans(p_start, p_end, is_context, k, max_answer_len)):
+            a, b = char_span(offsets, words, ts, te, align_to_words)
+            text = context[a:b]
+            if text.lower() in by_text:
+                answers[by_text[text.lower()]].score += float(p)
+            else:
+                by_text[text.lower()] = len(answers)
+                answers.append(Answer(text, float(p), a, b, float(start_logits[ts] + end_logits[te])))
+    if handle_impossible_answer and null is not None:
+        answers.append(Answer("", null[0], 0, 0, null[1]))
+    return sorted(answers, key=lambda x: -x.score)[:top_k]  # stable: ties keep the order they were found

@@ -39,6 +39,8 @@ class Feature:
     input_ids: np.ndarray  # (L,) int32, unpadded
     offsets: np.ndarray  # (L, 2) int32 char offsets into the context; (-1, -1) for question and special tokens
     example_index: int  # which example (question) this window belongs to
+    words: np.ndarray = None  # (L,) int32 index of each context token's word (pre-token), -1 elsewhere:
+    # what `align_to_words` extends an answer to (the QA pipeline's token_to_word / word_to_chars)
     start_label: int = 0  # token index of the answer start, or 0 (<s>) when the answer is not wholly inside
     end_label: int = 0
 
@@ -71,6 +73,8 @@ def featurize(examples, tokenizer, cfg: FeaturizerConfig = FeaturizerConfig(), w
     ctx_enc = tokenizer.encode_batch(contexts, add_special_tokens=False)
     ctx_ids = [np.asarray(e.ids, dtype=np.int32) for e in ctx_enc]
     ctx_off = [np.asarray(e.offsets, dtype=np.int32).reshape(-1, 2) for e in ctx_enc]
+    ctx_words = [np.asarray([-1 if w is None else w for w in e.word_ids], dtype=np.int32)
+                 for e in ctx_enc] if with_offsets else None
     # run_qa strips the question's leading whitespace: some SQuAD questions start with many spaces.
     q_enc = tokenizer.encode_batch([ex.question.lstrip() for ex in examples], add_special_tokens=False)
 
@@ -88,6 +92,8 @@ def featurize(examples, tokenizer, cfg: FeaturizerConfig = FeaturizerConfig(), w
                 offsets=np.concatenate([np.full((n_prefix, 2), -1, np.int32), off[start:stop],
                                         np.full((1, 2), -1, np.int32)]),
                 example_index=i)
+            if with_offsets:
+                f.words = np.concatenate([np.full(n_prefix, -1, np.int32), ctx_words[c][start:stop], [-1]]).astype(np.int32)
             if with_labels and ex.span is not None:
                 f.start_label, f.end_label = _label(off[start:stop], ex.span, n_prefix)
             if not with_offsets:

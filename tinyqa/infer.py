@@ -1,29 +1,26 @@
-"""Batched inference: examples -> windows -> logits -> answers, and the small answer API on top.
+"""Batched inference: examples -> windows -> logits -> answers, and the answer API on top.
 
     qa = QuestionAnswerer.from_pretrained("tinyroberta-mrqa")
     qa.answer("Who wrote Hamlet?", "Hamlet is a tragedy written by William Shakespeare.")
-    # Answer(text='William Shakespeare', score=..., start=31, end=50)
+    # Answer(text='William Shakespeare', score=0.93, start=31, end=50, logit_score=17.2)
+    qa.answer_batch([("Who?", c1), {"question": "When?", "context": c2}], top_k=3)
+
+`predict` (evaluate.py, training's eval) decodes with run_qa's n-best over logit sums; `QuestionAnswerer`
+decodes as transformers' question-answering pipeline did, with its probabilities (tinyqa/decode.py).
 
 Features are sorted by length before batching, so each batch is padded only to its own longest window;
 logits are trimmed back to each feature's length before decoding.
 """
 import json
 import os
-from dataclasses import dataclass, replace
+from dataclasses import replace
 
 import torch
 
-from .decode import decode
+from .decode import Answer, DecodeConfig, answer_example, decode
 from .errors import TinyQAError
 from .features import FeaturizerConfig, collate, featurize, length_sorted_batches
 from .mrqa import Example
-
-
-@dataclass
-class DecodeConfig:
-    n_best: int = 20
-    max_answer_len: int = 30  # tokens
-    allow_null: bool = False  # SQuAD 2.0-style models only: MRQA questions always have an answer
 
 
 def quantize_int8(model):
@@ -75,35 +72,61 @@ def featurizer_config_of(name_or_path, **overrides) -> FeaturizerConfig:
     return replace(cfg, **{k: v for k, v in overrides.items() if v is not None})
 
 
-def predict(model, tokenizer, examples, fcfg=FeaturizerConfig(), dcfg=DecodeConfig(), batch_size=64,
-            device="cpu", progress=False) -> dict:
-    """{qid: Prediction} for a list of Examples."""
+def check_max_seq_len(model, fcfg):
     cfg = getattr(model, "config", None)
     if cfg is not None:
         limit = cfg.max_position_embeddings - cfg.pad_token_id - 1  # RoBERTa positions start at pad_token_id + 1
         if fcfg.max_seq_len > limit:
             raise TinyQAError(f"max_seq_len {fcfg.max_seq_len} is longer than the model's {limit} positions: "
                               f"pass --max-seq-len {limit} or less")
-    features = featurize(examples, tokenizer, fcfg, with_labels=False)
-    starts, ends = run_model(model, features, batch_size, device, progress)
+
+
+def predict(model, tokenizer, examples, fcfg=FeaturizerConfig(), dcfg=DecodeConfig(), batch_size=64,
+            device="cpu", progress=False) -> dict:
+    """{qid: Prediction} for a list of Examples."""
+    features, starts, ends = forward_examples(model, tokenizer, examples, fcfg, batch_size, device, progress)
     return decode(examples, features, starts, ends, dcfg.n_best, dcfg.max_answer_len, dcfg.allow_null)
 
 
-@dataclass
-class Answer:
-    text: str
-    score: float
-    start: int  # char offsets into the context, end exclusive
-    end: int
+def forward_examples(model, tokenizer, examples, fcfg=FeaturizerConfig(), batch_size=64, device="cpu",
+                     progress=False):
+    """The windows of the examples and their start and end logits: (features, starts, ends)."""
+    check_max_seq_len(model, fcfg)
+    features = featurize(examples, tokenizer, fcfg, with_labels=False)
+    starts, ends = run_model(model, features, batch_size, device, progress)
+    return features, starts, ends
 
 
 class QuestionAnswerer:
+    """Extractive QA over any context length: what transformers' question-answering pipeline gave.
+
+    Every answering method takes these options per call (defaults: the answerer's fcfg and dcfg, which
+    from_pretrained takes from the checkpoint's args.json, else the model card's):
+      top_k (1)                   answers per question, best first, no two with the same text
+      max_answer_len (30)         longest answer in tokens (the 4.x pipeline's default was 15)
+      max_seq_len (384)           tokens per window, special tokens included
+      doc_stride (128)            overlap in tokens between consecutive windows of a long context
+      max_question_len (64)       question tokens kept (run_qa's max_query_length)
+      handle_impossible_answer    rank the null answer ("", 0, 0) among the others (SQuAD 2.0-style models)
+      align_to_words (True)       widen answers to whole words
+    An Answer's score is the pipeline's probability; logit_score is start_logit + end_logit.
+    """
+
+    # A chunk of questions is featurized, run and decoded together: at most this many questions, and
+    # at most this many context characters summed over its questions (a long context repeated for many
+    # questions makes that many windows), so memory stays bounded whatever the input's length.
+    chunk_questions = 64
+    chunk_chars = 2_000_000
+
     def __init__(self, model, tokenizer, fcfg=FeaturizerConfig(), dcfg=DecodeConfig(), batch_size=64, device="cpu"):
         self.model, self.tokenizer = model.eval(), tokenizer
         self.fcfg, self.dcfg, self.batch_size, self.device = fcfg, dcfg, batch_size, device
 
     @classmethod
     def from_pretrained(cls, name_or_path, device="cpu", dtype=torch.float32, quantize=None, fcfg=None, **kw):
+        """Load a checkpoint (alias, hub id or local directory) and its tokenizer. quantize="int8": dynamic
+        int8 Linear layers (CPU). fcfg: window settings (default: the checkpoint's args.json, else the card's).
+        Other keywords (dcfg, batch_size) go to the constructor."""
         from .tokenizer import load_tokenizer
         from .weights import load_model
         model = load_model(name_or_path, device=device, dtype=dtype)
@@ -112,12 +135,112 @@ class QuestionAnswerer:
         fcfg = fcfg or featurizer_config_of(name_or_path)
         return cls(model, load_tokenizer(name_or_path), fcfg=fcfg, device=device, **kw)
 
-    def answer(self, question: str, context: str) -> Answer:
-        return self.answer_batch([question], [context])[0]
+    def answer(self, question: str, context: str, top_k=None, max_answer_len=None, doc_stride=None,
+               max_seq_len=None, max_question_len=None, handle_impossible_answer=None, align_to_words=None):
+        """The best Answer to `question` in `context`, or a list of the top_k best when top_k > 1.
+        Options as in the class docstring; None keeps the answerer's default."""
+        return self.answer_batch([(question, context)], top_k=top_k, max_answer_len=max_answer_len,
+                                 doc_stride=doc_stride, max_seq_len=max_seq_len, max_question_len=max_question_len,
+                                 handle_impossible_answer=handle_impossible_answer, align_to_words=align_to_words)[0]
 
-    def answer_batch(self, questions, contexts) -> list:
+    def answer_batch(self, inputs, contexts=None, **options) -> list:
+        """Answers for many questions at once, in input order: one Answer per question (a list of up to
+        top_k when top_k > 1). `inputs` is a list of (question, context) pairs or {"question", "context"}
+        dicts; or, with `contexts`, a list of questions and either one context for all of them (tokenized
+        once) or a list of as many contexts. Options as in the class docstring."""
+        return list(self.answer_stream(_pairs(inputs, contexts), **options))
+
+    def answer_stream(self, inputs, **options):
+        """Like answer_batch, but lazily: `inputs` may be any iterable (a generator, a file's lines parsed
+        on the fly) and is read a chunk of questions at a time, answers yielded as each chunk completes,
+        so memory does not grow with the number of questions."""
+        fcfg, dcfg = self._configs(**options)  # bad options fail here, not at the first answer
+        check_max_seq_len(self.model, fcfg)
+        return self._stream(_pairs(inputs, None), fcfg, dcfg)
+
+    def _stream(self, pairs, fcfg, dcfg):
+        while chunk := _take_chunk(pairs, self.chunk_questions, self.chunk_chars):
+            yield from self._answer_chunk(chunk, fcfg, dcfg)
+
+    def _answer_chunk(self, chunk, fcfg, dcfg):
+        examples = [Example(str(i), q, c, []) for i, (q, c) in enumerate(chunk)]
+        features = featurize(examples, self.tokenizer, fcfg, with_labels=False)
+        starts, ends = run_model(self.model, features, self.batch_size, self.device)
+        windows = [[] for _ in examples]
+        for f, s, e in zip(features, starts, ends):
+            windows[f.example_index].append((s, e, f.offsets, f.words))
+        for ex, w in zip(examples, windows):
+            answers = answer_example(ex.context, w, dcfg.top_k, dcfg.max_answer_len, dcfg.allow_null,
+                                     dcfg.align_to_words)
+            yield answers[0] if dcfg.top_k == 1 else answers
+
+    def _configs(self, top_k=None, max_answer_len=None, doc_stride=None, max_seq_len=None, max_question_len=None,
+                 handle_impossible_answer=None, align_to_words=None):
+        """(FeaturizerConfig, DecodeConfig) of one call: the answerer's, with the given options replaced."""
+        for name, v in (("top_k", top_k), ("max_answer_len", max_answer_len), ("max_seq_len", max_seq_len),
+                        ("max_question_len", max_question_len)):
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+                raise TinyQAError(f"{name} must be a whole number >= 1, not {v!r}")
+        if doc_stride is not None and (isinstance(doc_stride, bool) or not isinstance(doc_stride, int) or doc_stride < 0):
+            raise TinyQAError(f"doc_stride must be a whole number >= 0, not {doc_stride!r}")
+        for name, v in (("handle_impossible_answer", handle_impossible_answer), ("align_to_words", align_to_words)):
+            if v is not None and not isinstance(v, bool):
+                raise TinyQAError(f"{name} must be true or false, not {v!r}")
+        fcfg = replace(self.fcfg, **_given(max_seq_len=max_seq_len, doc_stride=doc_stride,
+                                           max_query_length=max_question_len))
+        dcfg = replace(self.dcfg, **_given(top_k=top_k, max_answer_len=max_answer_len,
+                                           allow_null=handle_impossible_answer, align_to_words=align_to_words))
+        return fcfg, dcfg
+
+
+def _given(**kw):
+    return {k: v for k, v in kw.items() if v is not None}
+
+
+def _pairs(inputs, contexts):
+    """(question, context) pairs from the accepted input shapes, checked one by one as they are read."""
+    if isinstance(inputs, (str, dict)) or (isinstance(inputs, tuple) and len(inputs) == 2 and isinstance(inputs[0], str)):
+        raise TinyQAError("answer_batch takes a list of (question, context) pairs or dicts; "
+                          "for one question use answer(question, context)")
+    if contexts is not None:
+        questions = list(inputs)
+        if isinstance(contexts, str):
+            contexts = [contexts] * len(questions)  # the same str object: featurize tokenizes it once
+        contexts = list(contexts)
         if len(questions) != len(contexts):
-            raise ValueError(f"{len(questions)} questions but {len(contexts)} contexts")
-        examples = [Example(str(i), q, c, []) for i, (q, c) in enumerate(zip(questions, contexts))]
-        preds = predict(self.model, self.tokenizer, examples, self.fcfg, self.dcfg, self.batch_size, self.device)
-        return [Answer(p.text, p.score, p.start, p.end) for p in (preds[ex.qid] for ex in examples)]
+            raise TinyQAError(f"{len(questions)} questions but {len(contexts)} contexts: give as many, or one context")
+        inputs = zip(questions, contexts)
+    return (_checked(i, x) for i, x in enumerate(inputs))
+
+
+def _checked(i, item):
+    if isinstance(item, dict):
+        missing = [k for k in ("question", "context") if k not in item]
+        if missing:
+            raise TinyQAError(f"input {i}: missing field '{missing[0]}' (give question and context)")
+        q, c = item["question"], item["context"]
+    elif isinstance(item, (tuple, list)) and len(item) == 2:
+        q, c = item
+    else:
+        raise TinyQAError(f"input {i}: expected a (question, context) pair or a dict, not {type(item).__name__}")
+    for name, v in (("question", q), ("context", c)):
+        if not isinstance(v, str):
+            raise TinyQAError(f"input {i}: {name} must be a string, not {type(v).__name__}")
+        if not v.strip():
+            raise TinyQAError(f"input {i}: the {name} is empty" + (" (only whitespace)" if v else ""))
+    return q, c
+
+
+def _take_chunk(pairs, max_questions, max_chars):
+    """The next pairs from the iterator, up to max_questions of them or max_chars of context in all (at
+    least one). Equal contexts share one str object, so that featurize tokenizes each once."""
+    chunk, chars, same = [], 0, {}
+    for q, c in pairs:
+        c = same.setdefault(c, c)
+        chunk.append((q, c))
+        chars += len(c)
+        if len(chunk) == max_questions or chars >= max_chars:
+            break
+    return chunk
+
+

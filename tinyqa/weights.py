@@ -12,6 +12,7 @@ Follows nanoGPT's `from_pretrained` (assert the key sets and every shape) and li
 import json
 import os
 import re
+import sys
 
 import torch
 from safetensors import SafetensorError
@@ -185,7 +186,8 @@ def load_model(name_or_path: str, device="cpu", dtype=torch.float32, verbose=Tru
     model = RobertaForQA(cfg)
     missing = load_state_dict_into(model, read_state_dict(directory), where=directory)
     if missing and verbose:
-        print(f"notice: {name_or_path} has no QA head (qa_outputs); it was initialised fresh: train it before use")
+        print(f"notice: {name_or_path} has no QA head (qa_outputs); it was initialised fresh: train it before use",
+              file=sys.stderr)
     return model.to(device=device, dtype=dtype).eval()
 
 
