@@ -98,3 +98,118 @@ def test_long_context_windows_with_real_tokenizer(tokenizer_dir):
     k = holders[-1]
     S[k][feats[k].start_label], E[k][feats[k].end_label] = 4.0, 4.0
     assert decode([ex], feats, S, E)["q"].text == answer
+
+
+# --- the answer API's decoder (the QA pipeline's probabilities), against hand-computed values
+
+def softmax(xs):
+    import math
+    m = max(xs)
+    e = [math.exp(x - m) for x in xs]
+    return [v / sum(e) for v in e]
+
+
+def test_pipeline_probabilities_by_hand():
+    from tinyqa.decode import answer_example
+    context = "aa bb cc"
+    off = np.array([[-1, -1], [-1, -1], [-1, -1], [0, 2], [3, 5], [6, 8], [-1, -1]], np.int32)  # <s> q </s> aa bb cc </s>
+    words = np.array([-1, -1, -1, 0, 1, 2, -1], np.int32)
+    s = np.array([1.0, 9.0, 9.0, 2.0, 0.5, -1.0, 9.0])  # the 9s are question/special tokens: not in the softmax
+    e = np.array([1.5, 9.0, 9.0, -2.0, 1.0, 0.0, 9.0])
+    ps, pe = softmax([1.0, 2.0, 0.5, -1.0]), softmax([1.5, -2.0, 1.0, 0.0])  # over <s>, aa, bb, cc
+    # spans (start <= end, at most 2 tokens): aa..aa, aa..bb, bb..bb, bb..cc, cc..cc
+    want = sorted([("aa", ps[1] * pe[1]), ("aa bb", ps[1] * pe[2]), ("bb", ps[2] * pe[2]),
+                   ("bb cc", ps[2] * pe[3]), ("cc", ps[3] * pe[3])], key=lambda x: -x[1])
+    got = answer_example(context, [(s, e, off, words)], top_k=10, max_answer_len=2)
+    assert [a.text for a in got] == [t for t, _ in want]
+    assert [a.score for a in got] == pytest.approx([p for _, p in want], rel=1e-12)
+    assert got[0].logit_score == pytest.approx(2.0 + 1.0)  # aa..bb
+    # the null answer: p_start(<s>) * p_end(<s>), ranked among the spans
+    got = answer_example(context, [(s, e, off, words)], top_k=10, max_answer_len=2, handle_impossible_answer=True)
+    null = [a for a in got if a.text == ""]
+    assert len(null) == 1 and (null[0].start, null[0].end) == (0, 0)
+    assert null[0].score == pytest.approx(ps[0] * pe[0]) and null[0].logit_score == pytest.approx(2.5)
+    assert [a.score for a in got] == sorted([a.score for a in got], reverse=True)
+
+
+def test_pipeline_merges_equal_texts_across_windows_and_case():
+    """One answer per text (ignoring case): the first seen keeps its offsets, later ones add their probability.
+    Two windows, each normalised on its own, both see "Paris"; window B also sees "PARIS" elsewhere."""
+    from tinyqa.decode import answer_example
+    context = "Paris x PARIS"  # Paris (0, 5), x (6, 7), PARIS (8, 13)
+    off_a = np.array([[-1, -1], [-1, -1], [0, 5], [6, 7], [-1, -1]], np.int32)
+    off_b = np.array([[-1, -1], [-1, -1], [6, 7], [8, 13], [-1, -1]], np.int32)
+    w_a, w_b = np.array([-1, -1, 0, 1, -1]), np.array([-1, -1, 1, 2, -1])
+    s_a, e_a = np.array([0.0, 5, 3, 0, 5]), np.array([0.0, 5, 3, 0, 5])
+    s_b, e_b = np.array([0.0, 5, 0, 2, 5]), np.array([0.0, 5, 0, 2, 5])
+    pa, pb = softmax([0.0, 3.0, 0.0]), softmax([0.0, 0.0, 2.0])  # <s>, first, second context token
+    got = answer_example(context, [(s_a, e_a, off_a, w_a), (s_b, e_b, off_b, w_b)], top_k=5, max_answer_len=1)
+    by_text = {a.text: a for a in got}
+    assert set(by_text) == {"Paris", "x"}  # PARIS merged into Paris; x seen in both windows merged too
+    assert (by_text["Paris"].start, by_text["Paris"].end) == (0, 5)
+    assert by_text["Paris"].score == pytest.approx(pa[1] ** 2 + pb[2] ** 2)
+    assert by_text["x"].score == pytest.approx(pa[2] ** 2 + pb[1] ** 2)
+
+
+def test_align_to_words_widens_to_whole_words_in_the_window():
+    from tinyqa.decode import char_span
+    # "Eiffel-Tower's": E iff el - T ower 's, words 0 0 0 1 2 2 3, after a 2-token prefix
+    off = np.array([[-1, -1], [-1, -1], [0, 1], [1, 4], [4, 6], [6, 7], [7, 8], [8, 12], [12, 14], [-1, -1]])
+    words = np.array([-1, -1, 0, 0, 0, 1, 2, 2, 3, -1])
+    assert char_span(off, words, 3, 4, True) == (0, 6)  # "iff".."el" -> "Eiffel"
+    assert char_span(off, words, 7, 7, True) == (7, 12)  # "ower" -> "Tower"
+    assert char_span(off, words, 3, 4, False) == (1, 6)
+    # a word cut by the window's border widens only as far as the window reaches (as the pipeline's
+    # word_to_chars on the window's own encoding): here the window starts at "iff"
+    assert char_span(off[[0, 1, 3, 4, 5]], words[[0, 1, 3, 4, 5]], 2, 2, True) == (1, 6)
+
+
+def run_qa_nbest_reference(context, windows, n_best, max_answer_len, null):
+    """transformers' run_qa postprocess_qa_predictions, written as its loops (on context-masked logits,
+    tinyqa's convention), with one change: a char span is kept once, at its best score."""
+    import math
+    prelim, min_null = {}, None
+    for s, e, off in windows:
+        ctx = [i for i in range(len(off)) if off[i][0] >= 0]
+        if min_null is None or s[0] + e[0] < min_null[0]:
+            min_null = (s[0] + e[0], s[0], e[0])
+        starts = sorted(ctx, key=lambda i: -s[i])[:n_best]
+        ends = sorted(ctx, key=lambda i: -e[i])[:n_best]
+        for a in starts:
+            for b in ends:
+                if b < a or b - a + 1 > max_answer_len:
+                    continue
+                key = (int(off[a][0]), int(off[b][1]))
+                if key not in prelim or s[a] + e[b] > prelim[key][0]:
+                    prelim[key] = (s[a] + e[b], s[a], e[b])
+    preds = [(context[k[0]:k[1]], k, *v) for k, v in prelim.items()]
+    if null:
+        preds.append(("", (0, 0), *min_null))
+    preds = sorted(preds, key=lambda p: -p[2])[:n_best]
+    if null and not any(p[1] == (0, 0) and p[0] == "" for p in preds):
+        preds.append(("", (0, 0), *min_null))
+    z = [math.exp(p[2] - max(q[2] for q in preds)) for p in preds]
+    return [(p[0], p[1], zi / sum(z), p[3], p[4]) for p, zi in zip(preds, z)]
+
+
+@pytest.mark.parametrize("allow_null", [False, True])
+def test_nbest_equals_run_qa_reference_and_decode(allow_null):
+    from tinyqa.decode import decode_nbest
+    rng = np.random.default_rng(0)
+    context = " ".join(f"w{i}" for i in range(40))
+    off = [[context.index(f"w{i} ") if i < 39 else context.rindex("w39"), 0] for i in range(40)]
+    off = [[a, a + len(f"w{i}")] for i, (a, _) in enumerate(off)]
+    ex = Example("q", "?", context, ["w1"])
+    feats, S, E, wins = [], [], [], []
+    for lo, hi in ((0, 24), (16, 40)):  # two overlapping windows, a 2-token prefix each
+        f = feature(2, off[lo:hi])
+        s, e = rng.normal(0, 2, len(f.offsets)), rng.normal(0, 2, len(f.offsets))
+        feats.append(f), S.append(s), E.append(e), wins.append((s, e, f.offsets))
+    got = decode_nbest([ex], feats, S, E, n_best=7, max_answer_len=5, allow_null=allow_null)["q"]
+    want = run_qa_nbest_reference(context, wins, 7, 5, allow_null)
+    assert [(g["text"], (g["start"], g["end"])) for g in got] == [(w[0], w[1]) for w in want]
+    assert [g["probability"] for g in got] == pytest.approx([w[2] for w in want])
+    assert [(g["start_logit"], g["end_logit"]) for g in got] == pytest.approx([(w[3], w[4]) for w in want])
+    assert sum(g["probability"] for g in got) == pytest.approx(1.0)
+    best = decode([ex], feats, S, E, n_best=7, max_answer_len=5, allow_null=allow_null)["q"]
+    assert got[0]["text"] == best.text

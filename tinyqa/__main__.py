@@ -1,22 +1,111 @@
-"""Command line: `python -m tinyqa answer ...` (and `demo`, the offline end-to-end run)."""
+"""Command line: `python -m tinyqa answer ...`, `serve` (a JSON endpoint and a page) and `demo`.
+
+    python -m tinyqa answer --question "Who wrote Hamlet?" --context @hamlet.txt [--top-k 3] [--json]
+    python -m tinyqa answer --questions questions.txt --context @hamlet.txt     # one question a line -> JSONL
+    cat pairs.jsonl | python -m tinyqa answer > answers.jsonl    # {"question", "context"} a line -> JSONL
+    python -m tinyqa serve --model tinyroberta-mrqa --port 8000                  # http://127.0.0.1:8000/
+
+Many questions are read, answered and printed a chunk at a time (--chunk-size), so output appears while
+input is still coming and memory does not grow with the input. JSON output is strict (RFC 8259: a
+non-finite number is written as null); notices and skipped lines go to stderr, never into the JSON.
+"""
 import argparse
+import collections
+import dataclasses
+import ipaddress
 import json
+import sys
 
-from .errors import cli_errors
+from .errors import TinyQAError, cli_errors
+from .server import strict_json
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(prog="python -m tinyqa", description="tinyqa: extractive question answering")
+def positive_int(s):
+    try:
+        v = int(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{s!r} is not a whole number")
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"{v} is not >= 1")
+    return v
+
+
+def nonnegative_int(s):
+    try:
+        v = int(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{s!r} is not a whole number")
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"{v} is not >= 0")
+    return v
+
+
+def add_model_args(p):
+    g = p.add_argument_group("model")
+    g.add_argument("--model", default="tinyroberta-mrqa", help="alias, hub id or local checkpoint directory")
+    g.add_argument("--device", default="cpu", help="torch device (cpu, cuda, cuda:1, mps)")
+    g.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32", help="weights/compute dtype")
+    g.add_argument("--quantize", choices=["int8"], default=None,
+                   help="CPU only: dynamic int8 quantisation of the Linear layers (faster, slightly less accurate)")
+    g.add_argument("--batch-size", type=positive_int, default=64, help="windows per forward pass (length-sorted)")
+    g = p.add_argument_group("featurizer (default: the checkpoint's args.json if tinyqa trained it, else the "
+                             "model card's)")
+    g.add_argument("--max-seq-len", type=positive_int, default=None,
+                   help="tokens per window, special tokens included (card: 384)")
+    g.add_argument("--doc-stride", type=nonnegative_int, default=None,
+                   help="overlap in tokens between consecutive windows of a long context (card: 128)")
+    g.add_argument("--max-query-length", "--max-question-len", dest="max_query_length", type=positive_int,
+                   default=None, help="question tokens kept, the rest is cut (card: 64)")
+    g = p.add_argument_group("decoder")
+    g.add_argument("--max-answer-len", type=positive_int, default=30,
+                   help="longest answer in tokens (run_qa's default; the 4.x pipeline's was 15)")
+    g.add_argument("--handle-impossible-answer", "--allow-null", dest="allow_null", action="store_true",
+                   help="rank the null answer (empty text) among the others: SQuAD 2.0-style models")
+    g.add_argument("--no-align-to-words", dest="align_to_words", action="store_false",
+                   help="keep answers at token boundaries instead of widening them to whole words")
+
+
+def build_parser():
+    from .train import HelpFormatter
+    p = argparse.ArgumentParser(prog="python -m tinyqa", description=__doc__, formatter_class=HelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
-    a = sub.add_parser("answer", help="answer one question about a context")
-    a.add_argument("--model", default="tinyroberta-mrqa", help="alias, hub id or local checkpoint directory")
-    a.add_argument("--question", required=True, help="the question")
-    a.add_argument("--context", required=True, help="the text to find the answer in (or @FILE to read it from a file)")
-    a.add_argument("--device", default="cpu", help="torch device")
-    a.add_argument("--json", action="store_true", help="print the answer as JSON with score and char offsets")
+    a = sub.add_parser("answer", help="answer questions about a context (one, a file of them, or JSONL on stdin)",
+                       description="Answer questions about contexts with an extractive QA model. Give --question "
+                                   "and --context for one answer; --questions FILE and --context for one answer "
+                                   "per line of FILE; or neither --question nor --questions and JSONL lines "
+                                   '{"question": ..., "context": ...} on stdin. Many questions give JSONL out, '
+                                   "one line per question in input order, with the input's other fields "
+                                   "(an id, say) passed through.", formatter_class=HelpFormatter)
+    g = a.add_argument_group("input")
+    g.add_argument("--question", help="the question")
+    g.add_argument("--questions", metavar="FILE", help="a file of questions, one a line ('-' for stdin), "
+                   "all about --context")
+    g.add_argument("--context", help="the text to find the answers in, or @FILE to read it from a file")
+    g.add_argument("--top-k", type=positive_int, default=1, help="answers per question, best first")
+    g.add_argument("--chunk-size", type=positive_int, default=64,
+                   help="questions read and answered together before their answers are printed")
+    g = a.add_argument_group("output")
+    g.add_argument("--json", action="store_true", help="print one answer as JSON (text, score, start, end, "
+                   "logit_score; a list with --top-k > 1); many questions always give JSONL")
+    add_model_args(a)
+    s = sub.add_parser("serve", help="serve the answer API as JSON over HTTP, with a page to try it",
+                       description="POST /answer (JSON: question(s), context(s) and the answer options), "
+                                   "GET /health, GET / (a page: paste a context, ask, see the answer "
+                                   "highlighted). Loopback only unless --host says otherwise; no authentication.",
+                       formatter_class=HelpFormatter)
+    s.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
+    s.add_argument("--port", type=nonnegative_int, default=8000, help="port (0: any free port, printed)")
+    s.add_argument("--max-body-bytes", type=positive_int, default=1_000_000,
+                   help="larger requests are refused with 413")
+    add_model_args(s)
     sub.add_parser("demo", add_help=False,
                    help="offline end to end: synthetic data, teacher, distilled and CE-only students, evaluation "
                         "(python -m tinyqa demo --help for its flags)")
+    return p
+
+
+def main(argv=None):
+    p = build_parser()
     args, rest = p.parse_known_args(argv)
     if args.command != "demo" and rest:
         p.error(f"unrecognized arguments: {' '.join(rest)}")
@@ -25,20 +114,192 @@ def main(argv=None):
             from . import demo
             demo.main(rest)
         elif args.command == "answer":
-            from .errors import TinyQAError
-            from .infer import QuestionAnswerer
-            context = args.context
-            if context.startswith("@"):
-                try:
-                    with open(context[1:], encoding="utf-8") as f:
-                        context = f.read()
-                except OSError as e:
-                    raise TinyQAError(f"{context[1:]}: cannot read the context file ({e.strerror})")
-            ans = QuestionAnswerer.from_pretrained(args.model, device=args.device).answer(args.question, context)
-            if args.json:
-                print(json.dumps(ans.__dict__, ensure_ascii=False))
-            else:
-                print(ans.text)
+            answer_command(args)
+        elif args.command == "serve":
+            serve_command(args)
+
+
+# --- answer
+
+def answer_command(args):
+    # Check the input before loading the model: a typo should not cost a model load.
+    if args.question is not None and args.questions is not None:
+        raise TinyQAError("give --question or --questions FILE, not both")
+    if (args.question is not None or args.questions is not None) and args.context is None:
+        raise TinyQAError("--context is missing: give the text (or @FILE) the questions are about")
+    if args.question is None and args.questions is None and args.context is not None:
+        raise TinyQAError("--context needs --question or --questions FILE (JSONL on stdin carries its own contexts)")
+    context = read_context(args.context) if args.context is not None else None
+    if args.question is not None and not args.question.strip():
+        raise TinyQAError("--question is empty: give the question to answer")
+    if args.questions is not None and args.questions != "-":
+        questions_file = open_text(args.questions, "--questions")
+    elif args.questions == "-" or args.question is None:
+        if sys.stdin is None or sys.stdin.isatty():
+            raise TinyQAError("no input: give --question and --context, --questions FILE and --context, "
+                              'or pipe JSONL lines {"question": ..., "context": ...} into stdin')
+        questions_file = sys.stdin
+        if hasattr(sys.stdin, "reconfigure"):
+            sys.stdin.reconfigure(encoding="utf-8-sig")  # whatever the locale; a BOM is not part of line 1
+    qa = load_answerer(args)
+    options = dict(top_k=args.top_k)
+    if args.question is not None:
+        answers = qa.answer(args.question, context, **options)
+        print_one(answers, args.json)
+        return
+    skipped = []
+    if args.questions is not None:
+        name = "stdin" if args.questions == "-" else args.questions
+        rows = question_lines(questions_file, name, context, skipped)
+    else:
+        rows = jsonl_lines(questions_file, skipped)
+    qa.chunk_questions = args.chunk_size
+    n = 0
+    # answer_stream reads the rows lazily, a chunk at a time: their pairs go to the model, the rows wait
+    # in `pending` for their answers, which come back in the same order.
+    pending = collections.deque()
+
+    def pairs():
+        for row in rows:
+            pending.append(row)
+            yield row["question"], row["context"]
+
+    for answers in qa.answer_stream(pairs(), **options):
+        row = pending.popleft()
+        out = {k: v for k, v in row.items() if k != "context"}
+        if isinstance(answers, list):
+            out["answers"] = [dataclasses.asdict(a) for a in answers]
+        else:
+            out.update(dataclasses.asdict(answers))
+        print(strict_json(out), flush=True)
+        n += 1
+    if skipped:
+        print(f"skipped {len(skipped)} line(s), answered {n}", file=sys.stderr)
+    if n == 0:
+        raise TinyQAError("no questions to answer in the input" + (" (every line was skipped)" if skipped else ""))
+
+
+def load_answerer(args):
+    import torch
+
+    from .decode import DecodeConfig
+    from .infer import QuestionAnswerer, featurizer_config_of
+    if args.quantize == "int8" and (args.dtype != "fp32" or not args.device.startswith("cpu")):
+        raise TinyQAError("--quantize int8 runs on the CPU in fp32: drop --dtype/--device, or --quantize")
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
+    fcfg = featurizer_config_of(args.model, max_seq_len=args.max_seq_len, doc_stride=args.doc_stride,
+                                max_query_length=args.max_query_length)
+    dcfg = DecodeConfig(max_answer_len=args.max_answer_len, allow_null=args.allow_null,
+                        align_to_words=args.align_to_words)
+    return QuestionAnswerer.from_pretrained(args.model, device=args.device, dtype=dtype, quantize=args.quantize,
+                                            fcfg=fcfg, dcfg=dcfg, batch_size=args.batch_size)
+
+
+def read_context(value):
+    if not value.startswith("@"):
+        text = value
+    else:
+        with open_text(value[1:], "--context @FILE") as f:
+            try:
+                text = f.read()
+            except UnicodeDecodeError as e:
+                raise TinyQAError(f"{value[1:]}: not UTF-8 text (byte {e.start}); convert it to UTF-8")
+    if not text.strip():
+        raise TinyQAError(f"{'the --context file ' + value[1:] if value.startswith('@') else '--context'} is "
+                          "empty: give the text the questions are about")
+    return text
+
+
+def open_text(path, flag):
+    try:
+        return open(path, encoding="utf-8-sig")  # -sig: a BOM is not part of the first question
+    except IsADirectoryError:
+        raise TinyQAError(f"{path}: is a directory ({flag} takes a file)")
+    except OSError as e:
+        raise TinyQAError(f"{path}: cannot read it ({e.strerror}) ({flag})")
+
+
+def question_lines(f, name, context, skipped):
+    """{"question", "context"} rows from a file of questions, one a line; blank lines are reported skips."""
+    lineno = 0
+    try:
+        for lineno, line in enumerate(f, 1):
+            q = line.rstrip("\r\n")
+            if not q.strip():
+                skip(skipped, f"{name}:{lineno}: empty question (skipped)")
+                continue
+            yield {"question": q, "context": context}
+    except UnicodeDecodeError:
+        raise TinyQAError(f"{name}: not UTF-8 text after line {lineno}; convert it to UTF-8")
+
+
+def jsonl_lines(f, skipped):
+    """{"question", "context", ...} rows from JSONL on stdin; malformed lines are reported skips."""
+    lineno = 0
+    while True:
+        try:
+            line = f.readline()
+        except UnicodeDecodeError as e:
+            raise TinyQAError(f"stdin:{lineno + 1}: not UTF-8 text (byte {e.start}); convert it to UTF-8")
+        if not line:
+            return
+        lineno += 1
+        if not line.strip():
+            continue
+        where = f"stdin:{lineno}"
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            skip(skipped, f"{where}: not valid JSON ({e.msg} at column {e.colno}) (skipped)")
+            continue
+        problem = row_problem(row)
+        if problem:
+            skip(skipped, f"{where}: {problem} (skipped)")
+            continue
+        yield row
+
+
+def row_problem(row):
+    if not isinstance(row, dict):
+        return 'not a JSON object {"question": ..., "context": ...}'
+    for key in ("question", "context"):
+        if key not in row:
+            return f"missing field '{key}'"
+        if not isinstance(row[key], str):
+            return f"'{key}' must be a string, not {type(row[key]).__name__}"
+        if not row[key].strip():
+            return f"'{key}' is empty"
+    return None
+
+
+def skip(skipped, message):
+    skipped.append(message)
+    print(message, file=sys.stderr, flush=True)
+
+
+def print_one(answers, as_json):
+    if as_json:
+        obj = [dataclasses.asdict(a) for a in answers] if isinstance(answers, list) else dataclasses.asdict(answers)
+        print(strict_json(obj))
+    elif isinstance(answers, list):
+        for a in answers:
+            print(f"{a.score:.4f}\t{a.text}")
+    else:
+        print(answers.text)
+
+
+# --- serve
+
+def serve_command(args):
+    from .server import serve
+    try:
+        loopback = ipaddress.ip_address(args.host).is_loopback
+    except ValueError:
+        loopback = args.host == "localhost"
+    if not loopback:
+        print(f"notice: listening on {args.host}, reachable from other machines; there is no authentication",
+              file=sys.stderr)
+    serve(load_answerer(args), args.host, args.port, args.max_body_bytes, model_name=args.model)
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ from dataclasses import replace
 
 import torch
 
-from .decode import Answer, DecodeConfig, answer_example, decode
+from .decode import Answer, DecodeConfig, answer_example, decode  # noqa: F401  (Answer: tinyqa.infer.Answer)
 from .errors import TinyQAError
 from .features import FeaturizerConfig, collate, featurize, length_sorted_batches
 from .mrqa import Example
@@ -148,7 +148,7 @@ class QuestionAnswerer:
         top_k when top_k > 1). `inputs` is a list of (question, context) pairs or {"question", "context"}
         dicts; or, with `contexts`, a list of questions and either one context for all of them (tokenized
         once) or a list of as many contexts. Options as in the class docstring."""
-        return list(self.answer_stream(_pairs(inputs, contexts), **options))
+        return list(self.answer_stream(pairs_of(inputs, contexts), **options))
 
     def answer_stream(self, inputs, **options):
         """Like answer_batch, but lazily: `inputs` may be any iterable (a generator, a file's lines parsed
@@ -156,7 +156,7 @@ class QuestionAnswerer:
         so memory does not grow with the number of questions."""
         fcfg, dcfg = self._configs(**options)  # bad options fail here, not at the first answer
         check_max_seq_len(self.model, fcfg)
-        return self._stream(_pairs(inputs, None), fcfg, dcfg)
+        return self._stream(pairs_of(inputs, None), fcfg, dcfg)
 
     def _stream(self, pairs, fcfg, dcfg):
         while chunk := _take_chunk(pairs, self.chunk_questions, self.chunk_chars):
@@ -197,7 +197,7 @@ def _given(**kw):
     return {k: v for k, v in kw.items() if v is not None}
 
 
-def _pairs(inputs, contexts):
+def pairs_of(inputs, contexts=None):
     """(question, context) pairs from the accepted input shapes, checked one by one as they are read."""
     if isinstance(inputs, (str, dict)) or (isinstance(inputs, tuple) and len(inputs) == 2 and isinstance(inputs[0], str)):
         raise TinyQAError("answer_batch takes a list of (question, context) pairs or dicts; "
