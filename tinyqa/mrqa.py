@@ -123,6 +123,10 @@ def read_mrqa(path, skip_bad=False, report: Optional[ReadReport] = None) -> Iter
     if not os.path.exists(path):
         raise TinyQAError(f"{path}: no such file")
     report = report if report is not None else ReadReport()
+    from .squad import is_squad_json, read_squad
+    if is_squad_json(path):  # SQuAD v1.1 / v2.0 JSON, converted on the fly (tinyqa/squad.py)
+        yield from read_squad(path, skip_bad, report)
+        return
     name = dataset_name(path)
     try:
         with _open_text(path) as f:

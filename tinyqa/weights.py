@@ -31,6 +31,29 @@ ALIASES = {
     "roberta-large-squad2": "deepset/roberta-large-squad2",
 }
 
+# The model card's macro-average EM / F1 of each VMware MRQA checkpoint, keyed by hub id: "dev" is the
+# card's "Eval" (the six in-domain MRQA dev sets), "test" its "Test" (the six out-of-domain ones). From the
+# card's model-family table; evaluate.py prints them beside what it measures on the same split.
+CARD_SCORES = {
+    "VMware/bert-tiny-mrqa": {"dev": (22.78, 32.42), "test": (10.18, 18.72)},
+    "VMware/bert-base-mrqa": {"dev": (64.48, 76.14), "test": (48.89, 59.89)},
+    "VMware/bert-large-mrqa": {"dev": (69.52, 80.50), "test": (55.00, 65.78)},
+    "VMware/deberta-v3-xsmall-mrqa": {"dev": (65.58, 77.17), "test": (50.92, 62.58)},
+    "VMware/deberta-v3-base-mrqa": {"dev": (71.43, 82.59), "test": (59.49, 70.46)},
+    "VMware/deberta-v3-large-mrqa": {"dev": (76.08, 86.23), "test": (64.27, 75.22)},
+    "VMware/electra-small-mrqa": {"dev": (57.63, 69.38), "test": (38.68, 51.56)},
+    "VMware/electra-base-mrqa": {"dev": (68.78, 80.16), "test": (54.70, 65.80)},
+    "VMware/electra-large-mrqa": {"dev": (74.15, 84.96), "test": (62.35, 73.28)},
+    "VMware/minilmv2-l6-h384-from-bert-large-mrqa": {"dev": (59.31, 71.09), "test": (41.78, 53.30)},
+    "VMware/minilmv2-l6-h768-from-bert-large-mrqa": {"dev": (64.27, 75.84), "test": (49.05, 59.82)},
+    "VMware/minilmv2-l6-h384-from-roberta-large-mrqa": {"dev": (59.27, 70.64), "test": (42.95, 54.03)},
+    "VMware/minilmv2-l12-h384-from-roberta-large-mrqa": {"dev": (64.58, 76.23), "test": (51.28, 62.83)},
+    "VMware/minilmv2-l6-h768-from-roberta-large-mrqa": {"dev": (65.80, 77.17), "test": (51.72, 63.27)},
+    "VMware/roberta-base-mrqa": {"dev": (69.06, 80.08), "test": (55.53, 66.49)},
+    "VMware/roberta-large-mrqa": {"dev": (74.08, 84.38), "test": (62.20, 72.88)},
+    "VMware/tinyroberta-mrqa": {"dev": (69.38, 80.07), "test": (53.29, 64.16)},
+}
+
 TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "merges.txt")
 
 # HF name (without the "roberta." prefix) -> our name. "{i}" is a layer index; each entry covers the

@@ -1,0 +1,125 @@
+"""SQuAD-format JSON (v1.1 and v2.0: what run_qa and haystack users have), read as MRQA Examples.
+
+Format (Rajpurkar et al. 2016, 2018; the official train/dev files):
+    {"version": "v2.0", "data": [{"title": ..., "paragraphs": [{"context": ...,
+        "qas": [{"id", "question", "answers": [{"text", "answer_start"}], "is_impossible"}]}]}]}
+`answer_start + len(text)` is an EXCLUSIVE end: context[answer_start : answer_start + len(text)] is the
+answer. (MRQA's char_spans are inclusive, and mrqa.py converts them; both end up as Example.span, whose
+end is exclusive.) The conversion follows MRQA's own conversion of SQuAD: the answers are the gold texts
+(for the metric), the span is the first answer's. A v2.0 question with is_impossible (no answers) becomes
+an Example with no answers and no span: evaluate.py scores it by SQuAD 2.0's rule with --allow-null.
+
+`read_mrqa` hands any file that starts like a SQuAD JSON object here, so every entry that takes MRQA
+files (evaluate.py --data, the training scripts' --train and --eval-data) takes SQuAD files too.
+"""
+import gzip
+import json
+import os
+import re
+from typing import Iterator
+
+from .errors import TinyQAError
+from .mrqa import Example
+
+_START = re.compile(rb'^\s*\{\s*"(data|version)"\s*:')
+
+
+def _open_binary(path):
+    with open(path, "rb") as f:
+        gz = f.read(2) == b"\x1f\x8b"
+    return gzip.open(path, "rb") if gz else open(path, "rb")
+
+
+def is_squad_json(path) -> bool:
+    """Whether the file (plain or gzipped) begins like a SQuAD JSON object ({"data": or {"version": first);
+    MRQA JSONL lines begin with {"header": or a context line's fields."""
+    try:
+        with _open_binary(path) as f:
+            head = f.read(256)
+    except (OSError, EOFError):
+        return False  # read_mrqa reports the unreadable file
+    return bool(_START.match(head.removeprefix(b"\xef\xbb\xbf")))
+
+
+def squad_version(path) -> str:
+    """The file's "version" field ("1.1", "v2.0", ...), or "" when it has none."""
+    return str(_load(path).get("version", ""))
+
+
+def _load(path):
+    try:
+        with _open_binary(path) as f:
+            return json.loads(f.read().decode("utf-8-sig"))
+    except (OSError, EOFError) as e:
+        raise TinyQAError(f"{path}: cannot be read as SQuAD JSON ({type(e).__name__}: {e})")
+    except UnicodeDecodeError as e:
+        raise TinyQAError(f"{path}: not UTF-8 (byte {e.start}); SQuAD files are UTF-8 JSON")
+    except json.JSONDecodeError as e:
+        raise TinyQAError(f"{path}:{e.lineno}: not valid JSON ({e.msg} at column {e.colno}); a SQuAD file is one "
+                          "JSON object {\"version\", \"data\"}")
+
+
+def read_squad(path, skip_bad=False, report=None) -> Iterator:
+    """Stream the Examples of a SQuAD v1.1 / v2.0 JSON file (loaded whole: it is one JSON object).
+    A malformed question raises naming its place (data[i].paragraphs[j].qas[k], its id), or with
+    skip_bad is skipped and recorded in report.skipped."""
+    path = str(path)
+    doc = _load(path)
+    if not isinstance(doc, dict) or not isinstance(doc.get("data"), list):
+        raise TinyQAError(f"{path}: a SQuAD file needs a \"data\" list of articles")
+    name = os.path.basename(path)
+    for ext in (".gz", ".json"):
+        name = name.removesuffix(ext)
+    for i, article in enumerate(doc["data"]):
+        paragraphs = article.get("paragraphs") if isinstance(article, dict) else None
+        if not isinstance(paragraphs, list):
+            _bad(f"{path}: data[{i}]", "needs a \"paragraphs\" list", skip_bad, report)
+            continue
+        for j, par in enumerate(paragraphs):
+            where = f"{path}: data[{i}].paragraphs[{j}]"
+            if not isinstance(par, dict) or not isinstance(par.get("context"), str) or not isinstance(par.get("qas"), list):
+                _bad(where, "needs a \"context\" string and a \"qas\" list", skip_bad, report)
+                continue
+            context = par["context"]  # one str object shared by the paragraph's questions: tokenized once
+            for k, qa in enumerate(par["qas"]):
+                try:
+                    ex = _example(qa, context)
+                except ValueError as e:
+                    _bad(f"{where}.qas[{k}]", str(e), skip_bad, report)
+                    continue
+                ex.dataset = name
+                yield ex
+
+
+def _example(qa, context):
+    if not isinstance(qa, dict):
+        raise ValueError("not a JSON object")
+    for key in ("id", "question", "answers"):
+        if key not in qa:
+            raise ValueError(f"missing field '{key}'")
+    qid = qa["id"]
+    if not isinstance(qa["question"], str) or not isinstance(qa["answers"], list):
+        raise ValueError(f"(id {qid}) 'question' must be a string and 'answers' a list")
+    impossible = bool(qa.get("is_impossible", False))
+    answers, span = [], None
+    for n, a in enumerate(qa["answers"]):
+        if not (isinstance(a, dict) and isinstance(a.get("text"), str) and isinstance(a.get("answer_start"), int)):
+            raise ValueError(f"(id {qid}) answers[{n}] needs a 'text' string and an 'answer_start' integer")
+        start, text = a["answer_start"], a["text"]
+        if context[start:start + len(text)] != text:
+            raise ValueError(f"(id {qid}) answers[{n}] {text!r} is not at answer_start {start} of the context")
+        answers.append(text)
+        if span is None:
+            span = (start, start + len(text))  # answer_start + len(text): already an exclusive end
+    if impossible and answers:
+        raise ValueError(f"(id {qid}) is_impossible but has answers")
+    if not impossible and not answers:
+        raise ValueError(f"(id {qid}) has no answers and is not marked is_impossible")
+    return Example(str(qid), qa["question"], context, answers, span)
+
+
+def _bad(where, msg, skip_bad, report):
+    if not skip_bad:
+        raise TinyQAError(f"{where}: {msg} (fix it, or pass --skip-bad to skip and count such questions)")
+    if report is not None:
+        report.skipped.append(f"{where}: {msg}")
