@@ -13,29 +13,19 @@ import threading
 import urllib.parse
 
 import pytest
-import torch
 from conftest import ROOT
+from hermetic import tiny_checkpoint
 
-from tinyqa import QuestionAnswerer, RobertaConfig, RobertaForQA, save_pretrained
+from tinyqa import QuestionAnswerer
 from tinyqa.server import make_server
-from tinyqa.synthetic import make_dataset, train_tokenizer
 
 TIMEOUT = 60
 
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
-    rows = make_dataset(40, seed=3)
-    texts = [r["context"] for r in rows] + [q["question"] for r in rows for q in r["qas"]]
-    tok = train_tokenizer(texts, vocab_size=800)
-    torch.manual_seed(0)
-    model = RobertaForQA(RobertaConfig(vocab_size=tok.get_vocab_size(), hidden_size=32, num_hidden_layers=2,
-                                       num_attention_heads=2, intermediate_size=64))
-    with torch.no_grad():  # spread the QA logits so that different questions get different answers
-        model.qa_outputs.weight.mul_(100.0)
     d = tmp_path_factory.mktemp("serve-ckpt")
-    save_pretrained(model, d, tokenizer=tok)
-    return d, rows
+    return d, tiny_checkpoint(d)
 
 
 @pytest.fixture(scope="module")

@@ -65,17 +65,21 @@ def add_model_args(p):
                    help="keep answers at token boundaries instead of widening them to whole words")
 
 
+ANSWER_HELP = """Answer questions about contexts with an extractive QA model:
+  --question Q --context C          one answer (plain text; --json for the details)
+  --questions FILE --context C      one answer per line of FILE, as JSONL
+  (neither)                         JSONL lines {"question": ..., "context": ...} on stdin, answered as JSONL
+JSONL out has one line per question, in input order, with the input's other fields (an id, say) passed
+through; with --top-k > 1 the answers are a list under "answers". An answer has text, score (the QA
+pipeline's probability), start and end (character offsets into the context) and logit_score."""
+
+
 def build_parser():
     from .train import HelpFormatter
     p = argparse.ArgumentParser(prog="python -m tinyqa", description=__doc__, formatter_class=HelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
     a = sub.add_parser("answer", help="answer questions about a context (one, a file of them, or JSONL on stdin)",
-                       description="Answer questions about contexts with an extractive QA model. Give --question "
-                                   "and --context for one answer; --questions FILE and --context for one answer "
-                                   "per line of FILE; or neither --question nor --questions and JSONL lines "
-                                   '{"question": ..., "context": ...} on stdin. Many questions give JSONL out, '
-                                   "one line per question in input order, with the input's other fields "
-                                   "(an id, say) passed through.", formatter_class=HelpFormatter)
+                       description=ANSWER_HELP, formatter_class=HelpFormatter)
     g = a.add_argument_group("input")
     g.add_argument("--question", help="the question")
     g.add_argument("--questions", metavar="FILE", help="a file of questions, one a line ('-' for stdin), "
