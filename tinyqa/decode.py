@@ -73,21 +73,10 @@ class Prediction:
 
 def best_span_in_window(start_logits, end_logits, offsets, n_best=20, max_answer_len=30):
     """(score, token_start, token_end) of the best valid span of one window, or None if it has none."""
-    is_context = offsets[:, 0] >= 0
-    s = np.where(is_context, start_logits, -np.inf)
-    e = np.where(is_context, end_logits, -np.inf)
-    k = min(n_best, int(is_context.sum()))
-    if k == 0:
+    scores, starts, ends = window_candidates(start_logits, end_logits, offsets, n_best, max_answer_len)
+    if len(scores) == 0:
         return None
-    top_s = np.argpartition(-s, k - 1)[:k]  # (k,) indices of the k largest, unordered
-    top_e = np.argpartition(-e, k - 1)[:k]
-    length = top_e[None, :] - top_s[:, None] + 1  # (k, k): rows are starts, columns ends
-    score = s[top_s][:, None] + e[top_e][None, :]  # (k, k)
-    score = np.where((length >= 1) & (length <= max_answer_len), score, -np.inf)
-    best = np.unravel_index(np.argmax(score), score.shape)
-    if not np.isfinite(score[best]):
-        return None
-    return float(score[best]), int(top_s[best[0]]), int(top_e[best[1]])
+    return float(scores[0]), int(starts[0]), int(ends[0])
 
 
 def decode(examples, features, start_logits, end_logits, n_best=20, max_answer_len=30, allow_null=False) -> dict:
@@ -117,20 +106,19 @@ def decode(examples, features, start_logits, end_logits, n_best=20, max_answer_l
 
 
 def window_candidates(start_logits, end_logits, offsets, n_best=20, max_answer_len=30):
-    """All valid spans of one window among its n_best best starts x n_best best ends (context tokens only):
-    (scores, token starts, token ends), best first. best_span_in_window is the first of these."""
+    """The valid spans of one window among its n_best best starts x n_best best ends (context tokens
+    only): (scores, token starts, token ends), best first; ties keep row-major order (np.argmax's pick)."""
     is_context = offsets[:, 0] >= 0
     s = np.where(is_context, start_logits, -np.inf)
     e = np.where(is_context, end_logits, -np.inf)
     k = min(n_best, int(is_context.sum()))
     if k == 0:
         return np.zeros(0), np.zeros(0, int), np.zeros(0, int)
-    top_s = np.argpartition(-s, k - 1)[:k]
+    top_s = np.argpartition(-s, k - 1)[:k]  # (k,) indices of the k largest, unordered
     top_e = np.argpartition(-e, k - 1)[:k]
     length = top_e[None, :] - top_s[:, None] + 1  # (k, k): rows are starts, columns ends
     score = s[top_s][:, None] + e[top_e][None, :]  # (k, k)
-    valid = (length >= 1) & (length <= max_answer_len) & np.isfinite(score)
-    rows, cols = np.nonzero(valid)
+    rows, cols = np.nonzero((length >= 1) & (length <= max_answer_len) & np.isfinite(score))
     order = np.argsort(-score[rows, cols], kind="stable")
     rows, cols = rows[order], cols[order]
     return score[rows, cols].astype(np.float64), top_s[rows], top_e[cols]
