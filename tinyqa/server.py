@@ -26,7 +26,6 @@ from dataclasses import asdict
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from .errors import TinyQAError
-from .infer import pairs_of
 
 OPTIONS = ("top_k", "max_answer_len", "max_seq_len", "doc_stride", "max_question_len", "handle_impossible_answer",
            "align_to_words")
@@ -34,6 +33,7 @@ OPTIONS = ("top_k", "max_answer_len", "max_seq_len", "doc_stride", "max_question
 
 def parse_request(body: bytes):
     """(pairs, options) of a POST /answer body; raises TinyQAError saying what is wrong."""
+    from .infer import pairs_of
     try:
         req = json.loads(body.decode("utf-8"))
     except UnicodeDecodeError as e:
