@@ -105,7 +105,7 @@ def test_bad_requests_get_a_json_error(server, body, status, message):
     assert request(server, "GET", "/health")[0] == 200  # and the server goes on serving
 
 
-def test_oversize_body_is_refused_unread_and_other_errors(server):
+def test_oversize_body_is_refused_and_other_errors(server):
     big = json.dumps({"question": "Who?", "context": "word " * 10_000}).encode()  # 50 kB > the 20 kB limit
     status, err = request(server, "POST", "/answer", big)
     assert status == 413 and "--max-body-bytes" in err["error"]

@@ -14,7 +14,7 @@ to top_k answers, best first; start and end are offsets in code points (Python's
 Each request runs in its own thread (ThreadingHTTPServer), but the model runs under one lock: requests are
 parsed and checked in parallel and answered one batch at a time, so concurrent requests can never mix
 their answers. Bad requests get a JSON {"error": ...} with 400 (bad JSON, a missing or empty field, a bad
-option), 411 (no Content-Length) or 413 (a body over --max-body-bytes, refused before it is read).
+option), 411 (no Content-Length) or 413 (a body over --max-body-bytes, never read into memory).
 """
 import html
 import json
@@ -110,7 +110,15 @@ class Handler(BaseHTTPRequestHandler):
             return self.send_json(411, {"error": "a Content-Length header is required"})
         length, limit = int(length), self.server.max_body_bytes
         if length > limit:
-            self.close_connection = True  # the body stays unread: this connection cannot carry another request
+            # Not read into memory, but drained (up to 16 MB) before the connection closes: closing a socket
+            # with unread data makes the kernel reset it, and the client could lose the 413 with it.
+            self.close_connection = True
+            left = min(length, 16 << 20)
+            while left > 0:
+                got = len(self.rfile.read(min(left, 1 << 16)))
+                if not got:
+                    break
+                left -= got
             return self.send_json(413, {"error": f"the body is {length} bytes, over this server's limit of {limit} "
                                                  "(--max-body-bytes): send fewer or shorter contexts per request"})
         body = self.rfile.read(length)
