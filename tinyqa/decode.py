@@ -39,7 +39,7 @@ span seen by two windows adds up. Measured (evaluate.py's top answer vs the API'
 demo teacher (2x128, synthetic dev, 64-token windows) agrees on 486 of 486 single-window questions and
 38 of 92 multi-window ones; random weights on 1,000 SQuAD dev questions (384/128) agree on 99.7% of the
 single-window ones without word alignment, 85% with it (random spans often end inside a word), and on 13
-of 28 multi-window ones. So evaluate.py keeps run_qa's decoder: its MRQA scores stay comparable.
+of 28 multi-window ones (without alignment). So evaluate.py keeps run_qa's decoder: its MRQA scores stay comparable.
 
 Worked example of (a)-(b): a window <s> q </s></s> c0 c1 </s> with start logits (2, ., ., ., 1, 3, .) over
 <s>, c0, c1 gives p_start = softmax(2, 1, 3) = (.245, .090, .665); the span c1..c1 scores .665 * p_end(c1).
