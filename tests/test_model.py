@@ -115,7 +115,7 @@ def test_base_lm_checkpoint_gets_fresh_head(tmp_path, capsys, tokenizer_dir, squ
     lm = transformers.RobertaForMaskedLM(transformers.RobertaConfig(**SMALL)).eval()
     lm.save_pretrained(tmp_path)
     ours = load_model(str(tmp_path))
-    assert "no QA head" in capsys.readouterr().out
+    assert "no QA head" in capsys.readouterr().err  # a notice: stderr, so JSON on stdout stays clean
     ids, mask = padded_batch(tokenizer_dir, squad_pairs, [80, 30])
     with torch.no_grad():
         a = lm(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states
