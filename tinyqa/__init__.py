@@ -1,9 +1,10 @@
-"""tinyqa: a readable, pure-PyTorch TinyRoBERTa-MRQA (model, MRQA data, evaluation, distillation)."""
+"""tinyqa: a readable, pure-PyTorch TinyRoBERTa-MRQA and its model family (RoBERTa, BERT, ELECTRA, DeBERTa-v3):
+model, MRQA data, evaluation, distillation."""
 from .errors import TinyQAError
 from .infer import Answer, QuestionAnswerer
-from .model import QAOutput, RobertaConfig, RobertaForQA
+from .model import EncoderConfig, EncoderForQA, QAOutput, RobertaConfig, RobertaForQA
 from .tokenizer import load_tokenizer
 from .weights import ALIASES, load_model, save_pretrained
 
-__all__ = ["TinyQAError", "Answer", "QuestionAnswerer", "QAOutput", "RobertaConfig", "RobertaForQA",
-           "load_tokenizer", "ALIASES", "load_model", "save_pretrained"]
+__all__ = ["TinyQAError", "Answer", "QuestionAnswerer", "QAOutput", "EncoderConfig", "EncoderForQA",
+           "RobertaConfig", "RobertaForQA", "load_tokenizer", "ALIASES", "load_model", "save_pretrained"]

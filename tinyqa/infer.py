@@ -14,8 +14,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from .decode import decode
-from .errors import TinyQAError
-from .features import FeaturizerConfig, collate, featurize, length_sorted_batches
+from .features import FeaturizerConfig, check_model_fits, collate, featurize, length_sorted_batches
 from .mrqa import Example
 
 
@@ -54,8 +53,9 @@ def run_model(model, features, batch_size=64, device="cpu", progress=False):
     starts, ends = [None] * len(features), [None] * len(features)
     batches = length_sorted_batches(features, batch_size, max_tokens_for(device))
     for idx in tqdm(batches, desc="inference", unit="batch", disable=not progress):
-        batch = collate([features[i] for i in idx])
-        out = model(batch["input_ids"].to(device), batch["attention_mask"].to(device))
+        batch = collate([features[i] for i in idx], pad_id=model.config.pad_token_id)
+        out = model(batch["input_ids"].to(device), batch["attention_mask"].to(device),
+                    batch["token_type_ids"].to(device))
         s, e = out.start_logits.cpu().numpy(), out.end_logits.cpu().numpy()
         for row, i in enumerate(idx):
             n = len(features[i].input_ids)
@@ -78,12 +78,7 @@ def featurizer_config_of(name_or_path, **overrides) -> FeaturizerConfig:
 def predict(model, tokenizer, examples, fcfg=FeaturizerConfig(), dcfg=DecodeConfig(), batch_size=64,
             device="cpu", progress=False) -> dict:
     """{qid: Prediction} for a list of Examples."""
-    cfg = getattr(model, "config", None)
-    if cfg is not None:
-        limit = cfg.max_position_embeddings - cfg.pad_token_id - 1  # RoBERTa positions start at pad_token_id + 1
-        if fcfg.max_seq_len > limit:
-            raise TinyQAError(f"max_seq_len {fcfg.max_seq_len} is longer than the model's {limit} positions: "
-                              f"pass --max-seq-len {limit} or less")
+    check_model_fits(model.config, tokenizer, fcfg.max_seq_len)  # window length, vocabulary, pad id, types
     features = featurize(examples, tokenizer, fcfg, with_labels=False)
     starts, ends = run_model(model, features, batch_size, device, progress)
     return decode(examples, features, starts, ends, dcfg.n_best, dcfg.max_answer_len, dcfg.allow_null)
