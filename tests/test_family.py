@@ -26,7 +26,7 @@ from tinyqa.features import FeaturizerConfig, collate, featurize, pair_layout, t
 from tinyqa.model import flops_per_token, relative_position_buckets
 from tinyqa.mrqa import Example, read_mrqa
 from tinyqa.tokenizer import save_tokenizer
-from tinyqa.weights import ALIASES, CARD_FAMILY, _our_to_hf, load_state_dict_into
+from tinyqa.weights import ALIASES, CARD_FAMILY, _our_to_hf
 
 transformers = pytest.importorskip("transformers")
 
@@ -377,6 +377,27 @@ def test_flops_per_token_matches_torch_flop_counter(family, toks):
         assert counter.get_total_flops() == pytest.approx(B * L * flops_per_token(cfg, L, batch_size=B), rel=1e-12)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+@pytest.mark.parametrize("family", FAMILIES)
+def test_cuda_parity_fp32_and_half(family, tmp_path, toks, squad_pairs):
+    """SDPA's CUDA kernels, DeBERTa's additive float mask among them, against transformers on the CPU."""
+    _, tok = toks[family]
+    torch.manual_seed(0)
+    hf = randomize_norms_and_biases_(transformers.AutoModelForQuestionAnswering.from_config(
+        hf_config(tiny_config(family, tok))).eval())
+    hf.save_pretrained(tmp_path)
+    ids, mask, types = padded_batch(tok, squad_pairs, [384, 222, 95, 31], 0)
+    with torch.no_grad():
+        ref = hf(input_ids=ids, attention_mask=mask, token_type_ids=types)
+    valid = mask.bool()
+    for dtype, atol in ((torch.float32, 1e-3), (torch.bfloat16, 0.25), (torch.float16, 0.05)):
+        ours = load_model(str(tmp_path), device="cuda", dtype=dtype)
+        with torch.no_grad():
+            out = ours(ids.cuda(), mask.cuda(), types.cuda())
+        assert_close(out.start_logits.cpu()[valid], ref.start_logits[valid], atol, f"cuda {dtype} start")
+        assert_close(out.end_logits.cpu()[valid], ref.end_logits[valid], atol, f"cuda {dtype} end")
+
+
 # --- real weights: all-MiniLM-L6-v2, a 6 x 384 uncased BERT
 
 def test_real_minilm_weights_match_transformers(minilm_dir, capsys, squad_pairs):
@@ -523,6 +544,20 @@ def test_model_and_tokenizer_mismatch_is_a_clear_error(toks):
     small = EncoderForQA(EncoderConfig.from_dict(tiny_config("bert", tok, vocab_size=100)))
     with pytest.raises(TinyQAError, match="embeddings"):
         predict(small, tok, ex)
+
+
+def test_pair_layout_read_off_each_tokenizer(toks):
+    """RoBERTa: <s> q </s></s> c </s>, all type 0, pad 1; BERT and DeBERTa: [CLS] q [SEP] c [SEP], the context
+    and its [SEP] type 1, pad [PAD]."""
+    rob = pair_layout(toks["roberta"][1])
+    assert (rob.before, rob.between, rob.after, rob.max_type, rob.pad_id, rob.n_special) == ((0,), (2, 2), (2,), 0, 1, 4)
+    assert rob.type_ids(3, 5) is None
+    for kind in ("bert", "deberta-v2"):
+        tok = toks[kind][1]
+        cls, sep = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
+        lay = pair_layout(tok)
+        assert (lay.before, lay.between, lay.after, lay.pad_id, lay.n_special) == ((cls,), (sep,), (sep,), 0, 3)
+        assert lay.type_ids(2, 3).tolist() == [0, 0, 0, 0, 1, 1, 1, 1]
 
 
 def test_collate_pads_with_the_models_pad_id_and_types(toks):

@@ -286,6 +286,7 @@ class SelfAttention(nn.Module):
         else:
             # DeBERTa: scores = (q.k + c2p + p2c) / sqrt(3 hs), three terms, hence the 3. The position
             # terms enter SDPA as an additive float mask (already scaled), padding keys at the dtype's min.
+            # (transformers also masks the padded query rows entirely; their outputs are never used.)
             rel_emb, idx = rel  # (2S, H) LayerNorm-ed relative embeddings, (L, L) bucket indices
             rel_emb = F.dropout(rel_emb, self.rel_dropout, self.training)
             pos_q = self.query(rel_emb).view(-1, self.n_head, hs).transpose(0, 1)  # (2S, H) -> (nh, 2S, hs)
