@@ -213,8 +213,9 @@ class Embeddings(nn.Module):
         x = self.word(input_ids)  # (B, L, E)
         if self.token_type is not None:
             # BERT, ELECTRA: question tokens type 0, context type 1. RoBERTa's one row (type_vocab_size 1)
-            # is added to every token, as is row 0 when no types are given.
-            x = x + (self.token_type.weight[0] if token_type_ids is None else self.token_type(token_type_ids))
+            # is added to every token, as is row 0 when no types are given (no lookup needed).
+            one_row = token_type_ids is None or self.token_type.num_embeddings == 1
+            x = x + (self.token_type.weight[0] if one_row else self.token_type(token_type_ids))
         if self.position is not None:
             x = x + self.position(self.positions(input_ids))
         x = self.ln(x)
