@@ -1,6 +1,7 @@
 """Evaluate an extractive QA model on MRQA files with the official EM/F1.
 
     python evaluate.py --split dev                      # in-domain dev (the card's "Eval"), downloaded
+    python evaluate.py --model electra-small-mrqa --split dev   # any row of the card's family (table below)
     python evaluate.py --split test                     # out-of-domain dev (the card's "Test")
     python evaluate.py --model DIR --data a.jsonl.gz b.jsonl.gz --output preds.json --metrics metrics.json
     python evaluate.py --predictions preds.json --data SQuAD-dev.jsonl.gz   # score a file, no model
@@ -26,10 +27,13 @@ from tinyqa.metrics import example_scores, score_datasets
 from tinyqa.mrqa import SPLITS, ReadReport, read_mrqa, split_files
 from tinyqa.weights import ALIASES, CARD_SCORES
 from tinyqa.train import HelpFormatter
+from tinyqa.weights import card_table
 
 
 def get_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter,
+                                epilog="The model card's family: --model takes the alias (macro EM/F1 as the card "
+                                       "reports them; eval = --split dev, test = --split test):\n" + card_table())
     g = p.add_argument_group("data")
     g.add_argument("--split", choices=["dev", "test"], default=None,
                    help="official MRQA split to download and evaluate: dev = the six in-domain dev sets, "
@@ -39,7 +43,9 @@ def get_args(argv=None):
                    help="skip malformed lines (counted and reported) instead of stopping at the first one")
     g.add_argument("--limit", type=int, default=None, help="evaluate only the first N questions of each file")
     g = p.add_argument_group("model")
-    g.add_argument("--model", default="tinyroberta-mrqa", help="alias, hub id or local checkpoint directory")
+    g.add_argument("--model", default="tinyroberta-mrqa",
+                   help="alias (the table below), hub id or local checkpoint directory of a RoBERTa, BERT, ELECTRA "
+                        "or DeBERTa-v3 QA model")
     g.add_argument("--predictions", metavar="FILE",
                    help="score this existing {qid: answer} JSON file instead of running a model")
     g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")

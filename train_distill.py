@@ -1,4 +1,6 @@
-"""Prediction-layer distillation of a small RoBERTa QA student from a large teacher (TinyRoBERTa's recipe).
+"""Prediction-layer distillation of a small QA student from a large teacher (TinyRoBERTa's recipe).
+
+Teacher and student may be RoBERTa, BERT, ELECTRA or DeBERTa-v3 models, of any families that share a tokenizer.
 
     python train_distill.py --teacher roberta-large-mrqa                     # the card: MRQA train split
     python train_distill.py --teacher T --student S --train a.jsonl.gz --out runs/distill

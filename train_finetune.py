@@ -1,4 +1,4 @@
-"""Fine-tune a RoBERTa QA model on MRQA with the span cross-entropy loss only.
+"""Fine-tune a QA model (RoBERTa, BERT, ELECTRA or DeBERTa-v3) on MRQA with the span cross-entropy loss only.
 
     python train_finetune.py --model runs/distill --out runs/finetune          # after train_distill.py
     python train_finetune.py --model DIR --train a.jsonl.gz b.jsonl.gz --epochs 3

@@ -3,28 +3,37 @@
 Follows the windowing of google-research/bert `run_squad.py` and transformers' `run_qa.py`, with the
 TinyRoBERTa-MRQA card's settings: max_seq_len 384, doc_stride 128, max_query_length 64.
 
-Layout of one feature (RoBERTa's pair template):   <s> question </s></s> context-window </s>
-so a window holds  budget = max_seq_len - len(question) - 4  context tokens.
+The special tokens around question and context come from the tokenizer's own pair template, read off
+once (`pair_layout`), so every family lays its windows out as its tokenizer does:
+    RoBERTa                 <s> question </s></s> context-window </s>      token types all 0
+    BERT, ELECTRA, DeBERTa  [CLS] question [SEP] context-window [SEP]      types 0 ... 0 1 ... 1
+and a window holds  budget = max_seq_len - len(question) - n_special  context tokens (n_special 4 or 3).
 
 `doc_stride` is the OVERLAP between consecutive windows, as in transformers (`stride=` of the tokenizer),
-so windows start every  step = budget - doc_stride  tokens. Worked example: a 20-token question leaves
-budget = 384 - 20 - 4 = 360; with doc_stride 128 the step is 232, so a 700-token context gets windows
+so windows start every  step = budget - doc_stride  tokens. Worked example (RoBERTa): a 20-token question
+leaves budget = 384 - 20 - 4 = 360; with doc_stride 128 the step is 232, so a 700-token context gets windows
 [0, 360), [232, 592), [464, 700): every token lies in a window, and each border has 128 tokens of context
 on both sides in some window. (haystack, which trained tinyroberta, called the step itself "doc_stride";
 with its 128 the windows would overlap by 232 tokens instead.)
 
 Question and context are tokenized separately (each unique context once) and windows cut from the
-context's token array: the same tokens as tokenizing the pair, since byte-level BPE pre-tokenizes each
-sequence on its own. Nothing is padded here; `collate` pads a batch to its longest feature.
+context's token array: the same tokens as tokenizing the pair, since all three tokenizers pre-tokenize each
+sequence on its own. Token offsets are trimmed to their non-space characters: SentencePiece's "▁word"
+tokens (DeBERTa) cover the space before the word, and without the trim an answer would come out as
+" Paris". Answer spans are stripped the same way before labelling, so labels and decoded answers are
+exact, stripped substrings of the context in every family. Nothing is padded here; `collate` pads a batch
+to its longest feature with the model's pad id.
 """
+import re
 from dataclasses import dataclass
+from typing import Optional
 
 import numpy as np
 import torch
 
 from .errors import TinyQAError
 
-CLS, PAD, SEP = 0, 1, 2  # RoBERTa's <s>, <pad>, </s>
+PAD_TOKENS = ("<pad>", "[PAD]")  # RoBERTa's, then BERT's, ELECTRA's and DeBERTa's
 
 
 @dataclass
@@ -41,8 +50,81 @@ class Feature:
     example_index: int  # which example (question) this window belongs to
     words: np.ndarray = None  # (L,) int32 index of each context token's word (pre-token), -1 elsewhere:
     # what `align_to_words` extends an answer to (the QA pipeline's token_to_word / word_to_chars)
-    start_label: int = 0  # token index of the answer start, or 0 (<s>) when the answer is not wholly inside
+    start_label: int = 0  # token index of the answer start, or 0 (<s>, [CLS]) when the answer is not wholly inside
     end_label: int = 0
+    token_type_ids: Optional[np.ndarray] = None  # (L,) int8 segment ids; None when all 0 (RoBERTa)
+
+
+@dataclass(frozen=True)
+class PairLayout:
+    """Where a tokenizer's pair template puts its special tokens and token types around question and context."""
+    before: tuple  # special ids before the question: (<s>,) or ([CLS],)
+    between: tuple  # between question and context: (</s>, </s>) or ([SEP],)
+    after: tuple  # after the context: (</s>,) or ([SEP],)
+    before_types: tuple  # the token type of each of those, and of the question and context tokens
+    question_type: int
+    between_types: tuple
+    context_type: int
+    after_types: tuple
+    pad_id: Optional[int]  # the tokenizer's pad token, when it has one
+
+    @property
+    def n_special(self) -> int:
+        return len(self.before) + len(self.between) + len(self.after)
+
+    @property
+    def max_type(self) -> int:
+        return max(self.before_types + self.between_types + self.after_types + (self.question_type, self.context_type))
+
+    def prefix(self, question_ids):
+        return np.concatenate([self.before, question_ids, self.between]).astype(np.int32)
+
+    def type_ids(self, n_question: int, n_context: int):
+        """(n_question + n_context + n_special,) int8, or None when every type is 0."""
+        if self.max_type == 0:
+            return None
+        return np.concatenate([self.before_types, np.full(n_question, self.question_type), self.between_types,
+                               np.full(n_context, self.context_type), self.after_types]).astype(np.int8)
+
+
+def pair_layout(tokenizer) -> PairLayout:
+    """Read the layout off the tokenizer's own post-processor by encoding a dummy pair: the tokens whose
+    sequence id is None are its special tokens, and their places around sequences 0 and 1 say where each
+    goes. RoBERTa's gives before=(0,), between=(2, 2), after=(2,); BERT's (101,), (102,), (102,) with the
+    context and the last [SEP] of type 1."""
+    if tokenizer.truncation or tokenizer.padding:
+        raise TinyQAError("the tokenizer truncates or pads: windows and padding are made here; load it with "
+                          "tinyqa.load_tokenizer, or call no_truncation() and no_padding() on it")
+    enc = tokenizer.encode("question", "context")
+    seq, ids, types = enc.sequence_ids, enc.ids, enc.type_ids
+    q_at = [i for i, s in enumerate(seq) if s == 0]
+    c_at = [i for i, s in enumerate(seq) if s == 1]
+    if not q_at or not c_at or q_at[0] == 0:
+        raise TinyQAError("the tokenizer has no pair template with a leading special token (<s> or [CLS]): "
+                          "windows need one at position 0, the label of 'no answer in this window'")
+    before, between, after = range(0, q_at[0]), range(q_at[-1] + 1, c_at[0]), range(c_at[-1] + 1, len(ids))
+    pad_id = next((tokenizer.token_to_id(t) for t in PAD_TOKENS if tokenizer.token_to_id(t) is not None), None)
+    return PairLayout(tuple(ids[i] for i in before), tuple(ids[i] for i in between), tuple(ids[i] for i in after),
+                      tuple(types[i] for i in before), types[q_at[0]], tuple(types[i] for i in between),
+                      types[c_at[0]], tuple(types[i] for i in after), pad_id)
+
+
+def check_model_fits(cfg, tokenizer, max_seq_len: int, name: str = "the model"):
+    """Refuse, before any work, windows or a tokenizer that the model (an EncoderConfig) cannot take."""
+    if max_seq_len > cfg.max_window_len:
+        raise TinyQAError(f"max_seq_len {max_seq_len} is longer than {name}'s {cfg.max_window_len} positions: "
+                          f"pass --max-seq-len {cfg.max_window_len} or less")
+    layout = pair_layout(tokenizer)
+    n_vocab = tokenizer.get_vocab_size(with_added_tokens=True)
+    if n_vocab > cfg.vocab_size:
+        raise TinyQAError(f"the tokenizer has {n_vocab} tokens but {name} only {cfg.vocab_size} embeddings: "
+                          "it is not this model's tokenizer (pass --tokenizer with the right one)")
+    if layout.pad_id is not None and layout.pad_id != cfg.pad_token_id:
+        raise TinyQAError(f"the tokenizer's pad id is {layout.pad_id} but {name}'s pad_token_id is "
+                          f"{cfg.pad_token_id}: it is not this model's tokenizer")
+    if cfg.type_vocab_size > 0 and layout.max_type >= cfg.type_vocab_size:
+        raise TinyQAError(f"the tokenizer gives token type {layout.max_type} but {name} has type_vocab_size "
+                          f"{cfg.type_vocab_size}: it is not this model's tokenizer")
 
 
 def windows(n_context: int, budget: int, doc_stride: int):
@@ -64,6 +146,7 @@ def featurize(examples, tokenizer, cfg: FeaturizerConfig = FeaturizerConfig(), w
               with_offsets=True) -> list:
     """All windows of all examples, in example order. Labels are computed when with_labels; training,
     which never decodes, passes with_offsets=False to keep 516k windows' offsets out of memory."""
+    layout = pair_layout(tokenizer)
     # Tokenize each distinct context once (SQuAD has ~5 questions per context), in batches.
     context_index, contexts = {}, []
     for ex in examples:
@@ -72,7 +155,8 @@ def featurize(examples, tokenizer, cfg: FeaturizerConfig = FeaturizerConfig(), w
             contexts.append(ex.context)
     ctx_enc = tokenizer.encode_batch(contexts, add_special_tokens=False)
     ctx_ids = [np.asarray(e.ids, dtype=np.int32) for e in ctx_enc]
-    ctx_off = [np.asarray(e.offsets, dtype=np.int32).reshape(-1, 2) for e in ctx_enc]
+    ctx_off = [trim_offsets(text, np.asarray(e.offsets, dtype=np.int32).reshape(-1, 2))
+               for text, e in zip(contexts, ctx_enc)]
     ctx_words = [np.asarray([-1 if w is None else w for w in e.word_ids], dtype=np.int32)
                  for e in ctx_enc] if with_offsets else None
     # run_qa strips the question's leading whitespace: some SQuAD questions start with many spaces.
@@ -83,30 +167,68 @@ def featurize(examples, tokenizer, cfg: FeaturizerConfig = FeaturizerConfig(), w
         q = np.asarray(q_enc[i].ids[: cfg.max_query_length], dtype=np.int32)
         c = context_index[id(ex.context)]
         ids, off = ctx_ids[c], ctx_off[c]
-        n_prefix = len(q) + 3  # <s> q </s></s>
-        prefix_ids = np.concatenate([[CLS], q, [SEP, SEP]]).astype(np.int32)
-        budget = cfg.max_seq_len - len(q) - 4
+        prefix_ids = layout.prefix(q)  # <s> q </s></s>  or  [CLS] q [SEP]
+        n_prefix = len(prefix_ids)
+        budget = cfg.max_seq_len - len(q) - layout.n_special
+        span = strip_span(ex.context, ex.span) if with_labels and ex.span is not None else None
         for start, stop in windows(len(ids), budget, cfg.doc_stride):
             f = Feature(
-                input_ids=np.concatenate([prefix_ids, ids[start:stop], [SEP]]).astype(np.int32),
+                input_ids=np.concatenate([prefix_ids, ids[start:stop], layout.after]).astype(np.int32),
                 offsets=np.concatenate([np.full((n_prefix, 2), -1, np.int32), off[start:stop],
-                                        np.full((1, 2), -1, np.int32)]),
-                example_index=i)
+                                        np.full((len(layout.after), 2), -1, np.int32)]),
+                example_index=i, token_type_ids=layout.type_ids(len(q), stop - start))
             if with_offsets:
-                f.words = np.concatenate([np.full(n_prefix, -1, np.int32), ctx_words[c][start:stop], [-1]]).astype(np.int32)
-            if with_labels and ex.span is not None:
-                f.start_label, f.end_label = _label(off[start:stop], ex.span, n_prefix)
+                f.words = np.concatenate([np.full(n_prefix, -1, np.int32), ctx_words[c][start:stop],
+                                          np.full(len(layout.after), -1, np.int32)])
+            if span is not None:
+                f.start_label, f.end_label = _label(off[start:stop], span, n_prefix)
             if not with_offsets:
                 f.offsets = None
             features.append(f)
     return features
 
 
+def trim_offsets(text: str, offsets: np.ndarray) -> np.ndarray:
+    """Each token's (start, end) shrunk to its non-space characters; a token of spaces only becomes empty at
+    its end. SentencePiece (DeBERTa-v3): "Paris lies on the Seine" -> "▁Paris"(0,5) "▁lies"(5,11) ...:
+    (5, 11) covers " lies" and becomes (6, 11). RoBERTa's and BERT's offsets exclude spaces already."""
+    if len(offsets) == 0:
+        return offsets
+    keep = _non_space(text)  # (n,) sorted positions of the non-space characters
+    s, e = offsets[:, 0], offsets[:, 1]
+    i = np.searchsorted(keep, s)  # the first non-space character at or after each start
+    new_s = np.minimum(np.where(i < len(keep), keep[np.minimum(i, len(keep) - 1)], len(text)), e)
+    j = np.searchsorted(keep, e) - 1  # the last non-space character before each end
+    new_e = np.maximum(np.where(j >= 0, keep[np.maximum(j, 0)] + 1, 0), new_s)
+    return np.stack([new_s, new_e], axis=1).astype(np.int32)
+
+
+_SPACE = re.compile(r"\s")  # str.isspace()'s characters
+
+
+def _non_space(text: str) -> np.ndarray:
+    """Sorted positions of text's non-space characters, without a Python loop over every character."""
+    space = np.zeros(len(text), bool)
+    space[[m.start() for m in _SPACE.finditer(text)]] = True
+    return np.flatnonzero(~space)
+
+
+def strip_span(text: str, span):
+    """An answer's (start, end) char span without leading or trailing whitespace."""
+    a, b = span
+    while a < b and text[a].isspace():
+        a += 1
+    while b > a and text[b - 1].isspace():
+        b -= 1
+    return a, b
+
+
 def _label(window_offsets: np.ndarray, span, n_prefix: int):
     """Token positions of the char span (start, end-exclusive) in this window, or (0, 0) when the span is
     not wholly inside it. Worked example: context "The Eiffel Tower", span (4, 16) "Eiffel Tower", tokens
     "The"(0,3) " Eiff"(4,8) "el"(8,10) " Tower"(11,16): start = last token starting at or before 4 = 1,
-    end = first token ending at or after 16 = 3."""
+    end = first token ending at or after 16 = 3. Offsets are trimmed and the span stripped, so a token
+    made of spaces only, (p, p) just before a word at p, loses to the word's own token for the start."""
     if len(window_offsets) == 0:
         return 0, 0
     a, b = span
@@ -118,15 +240,21 @@ def _label(window_offsets: np.ndarray, span, n_prefix: int):
     return s + n_prefix, e + n_prefix
 
 
-def collate(features, with_labels=False):
-    """Pad a list of features to the longest in it: input_ids (B, L) with <pad>, attention_mask (B, L)."""
+def collate(features, with_labels=False, pad_id=1):
+    """Pad a list of features to the longest in it: input_ids (B, L) with pad_id (the model config's
+    pad_token_id: RoBERTa's positions depend on it; 1 is RoBERTa's), attention_mask (B, L),
+    token_type_ids (B, L), 0 beyond each feature."""
     L = max(len(f.input_ids) for f in features)
-    ids = np.full((len(features), L), PAD, dtype=np.int64)
+    ids = np.full((len(features), L), pad_id, dtype=np.int64)
     mask = np.zeros((len(features), L), dtype=np.int64)
+    types = np.zeros((len(features), L), dtype=np.int64)
     for i, f in enumerate(features):
         ids[i, : len(f.input_ids)] = f.input_ids
         mask[i, : len(f.input_ids)] = 1
-    batch = {"input_ids": torch.from_numpy(ids), "attention_mask": torch.from_numpy(mask)}
+        if f.token_type_ids is not None:
+            types[i, : len(f.input_ids)] = f.token_type_ids
+    batch = {"input_ids": torch.from_numpy(ids), "attention_mask": torch.from_numpy(mask),
+             "token_type_ids": torch.from_numpy(types)}
     if with_labels:
         batch["start_positions"] = torch.tensor([f.start_label for f in features])
         batch["end_positions"] = torch.tensor([f.end_label for f in features])

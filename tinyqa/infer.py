@@ -19,7 +19,7 @@ import torch
 
 from .decode import Answer, DecodeConfig, answer_example, decode  # noqa: F401  (Answer: tinyqa.infer.Answer)
 from .errors import TinyQAError
-from .features import FeaturizerConfig, collate, featurize, length_sorted_batches
+from .features import FeaturizerConfig, check_model_fits, collate, featurize, length_sorted_batches
 from .mrqa import Example
 
 
@@ -51,8 +51,9 @@ def run_model(model, features, batch_size=64, device="cpu", progress=False):
     starts, ends = [None] * len(features), [None] * len(features)
     batches = length_sorted_batches(features, batch_size, max_tokens_for(device))
     for idx in tqdm(batches, desc="inference", unit="batch", disable=not progress):
-        batch = collate([features[i] for i in idx])
-        out = model(batch["input_ids"].to(device), batch["attention_mask"].to(device))
+        batch = collate([features[i] for i in idx], pad_id=model.config.pad_token_id)
+        out = model(batch["input_ids"].to(device), batch["attention_mask"].to(device),
+                    batch["token_type_ids"].to(device))
         s, e = out.start_logits.cpu().numpy(), out.end_logits.cpu().numpy()
         for row, i in enumerate(idx):
             n = len(features[i].input_ids)
@@ -72,15 +73,6 @@ def featurizer_config_of(name_or_path, **overrides) -> FeaturizerConfig:
     return replace(cfg, **{k: v for k, v in overrides.items() if v is not None})
 
 
-def check_max_seq_len(model, fcfg):
-    cfg = getattr(model, "config", None)
-    if cfg is not None:
-        limit = cfg.max_position_embeddings - cfg.pad_token_id - 1  # RoBERTa positions start at pad_token_id + 1
-        if fcfg.max_seq_len > limit:
-            raise TinyQAError(f"max_seq_len {fcfg.max_seq_len} is longer than the model's {limit} positions: "
-                              f"pass --max-seq-len {limit} or less")
-
-
 def predict(model, tokenizer, examples, fcfg=FeaturizerConfig(), dcfg=DecodeConfig(), batch_size=64,
             device="cpu", progress=False) -> dict:
     """{qid: Prediction} for a list of Examples."""
@@ -91,7 +83,7 @@ def predict(model, tokenizer, examples, fcfg=FeaturizerConfig(), dcfg=DecodeConf
 def forward_examples(model, tokenizer, examples, fcfg=FeaturizerConfig(), batch_size=64, device="cpu",
                      progress=False):
     """The windows of the examples and their start and end logits: (features, starts, ends)."""
-    check_max_seq_len(model, fcfg)
+    check_model_fits(model.config, tokenizer, fcfg.max_seq_len)  # window length, vocabulary, pad id, types
     features = featurize(examples, tokenizer, fcfg, with_labels=False)
     starts, ends = run_model(model, features, batch_size, device, progress)
     return features, starts, ends
@@ -155,7 +147,7 @@ class QuestionAnswerer:
         on the fly) and is read a chunk of questions at a time, answers yielded as each chunk completes,
         so memory does not grow with the number of questions."""
         fcfg, dcfg = self._configs(**options)  # bad options fail here, not at the first answer
-        check_max_seq_len(self.model, fcfg)
+        check_model_fits(self.model.config, self.tokenizer, fcfg.max_seq_len)
         return self._stream(pairs_of(inputs, None), fcfg, dcfg)
 
     def _stream(self, pairs, fcfg, dcfg):

@@ -27,13 +27,13 @@ import torch.distributed as dist
 from torch.optim.lr_scheduler import LambdaLR
 
 from .errors import TinyQAError
-from .features import FeaturizerConfig, collate, featurize, length_sorted_batches
+from .features import FeaturizerConfig, check_model_fits, collate, featurize, length_sorted_batches
 from .infer import max_tokens_for
 from .losses import distillation_loss, span_ce_loss
-from .model import RobertaConfig, RobertaForQA
+from .model import EncoderConfig, EncoderForQA
 from .mrqa import ReadReport, read_mrqa, split_files
 from .tokenizer import load_tokenizer, tokenizer_fingerprint
-from .weights import load_model, resolve_dir, save_pretrained
+from .weights import load_model, load_model_config, resolve_dir, save_pretrained
 
 # Arguments that define the run; on --resume they come from the checkpoint, not the command line.
 RUNTIME_ARGS = {"resume", "out", "save_every", "stop_after", "device", "quiet", "teacher_cache", "eval_data"}
@@ -194,9 +194,10 @@ def compute_teacher_cache(teacher, features, folder, batch_size, device, autocas
                                        shape=(int(offsets[-1]), 2))
     for idx in tqdm(length_sorted_batches(features, batch_size, max_tokens_for(device)),
                     desc="teacher logits", disable=not progress):
-        batch = collate([features[i] for i in idx])
+        batch = collate([features[i] for i in idx], pad_id=teacher.config.pad_token_id)
         with autocast:
-            out = teacher(batch["input_ids"].to(device), batch["attention_mask"].to(device))
+            out = teacher(batch["input_ids"].to(device), batch["attention_mask"].to(device),
+                          batch["token_type_ids"].to(device))
         both = torch.stack([out.start_logits, out.end_logits], dim=-1).float().cpu().numpy()  # (B, L, 2)
         for row, i in enumerate(idx):
             logits[offsets[i]:offsets[i + 1]] = both[row, : lengths[i]]
@@ -311,12 +312,13 @@ def train(args):
         model = load_model(args.resume, verbose=False)
     elif args.init_config:
         try:
-            model = RobertaForQA(RobertaConfig.from_json(args.init_config))
+            model = EncoderForQA(EncoderConfig.from_json(args.init_config))  # any family, from its model_type
         except (ValueError, TypeError, OSError) as e:
             raise TinyQAError(f"{args.init_config}: {e}")
     else:
         model = load_model(init, verbose=master)
     model.float().to(device).train()
+    check_model_fits(model.config, tokenizer, args.max_seq_len, name=f"model {args.init_config or init}")
 
     # --- data
     train_files = args.train or split_files("train", progress=master and not args.quiet)
@@ -335,6 +337,8 @@ def train(args):
         if tokenizer_fingerprint(load_tokenizer(teacher_dir)) != tokenizer_fingerprint(tokenizer):
             raise TinyQAError(f"teacher {args.teacher} and student {init} do not share a tokenizer: distillation "
                               "compares logits position by position, so both must tokenize identically")
+        # Teacher and student may be of different families (BERT -> ELECTRA, ...) as long as they share it.
+        check_model_fits(load_model_config(teacher_dir), tokenizer, args.max_seq_len, name=f"teacher {args.teacher}")
         if args.teacher_on_the_fly:
             teacher = load_model(teacher_dir, device=device, verbose=master)
         else:
@@ -413,17 +417,18 @@ def train(args):
             # every rank to reach the same all-reduces.
             weight = len(idx) / len(global_idx) * world
             idx = idx or global_idx[:1]
-            batch = {k: v.to(device) for k, v in collate([features[i] for i in idx], with_labels=True).items()}
+            batch = {k: v.to(device) for k, v in collate([features[i] for i in idx], with_labels=True,
+                                                         pad_id=model.config.pad_token_id).items()}
             sync = ddp.no_sync() if world > 1 and j < len(micro) - 1 else nullcontext()
             with sync:
                 with autocast:
-                    out = ddp(batch["input_ids"], batch["attention_mask"])
+                    out = ddp(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"])
                 if distill:
                     if cache is not None:
                         t_start, t_end = (x.to(device) for x in cache.batch(idx, batch["input_ids"].shape[1]))
                     else:
                         with torch.inference_mode(), autocast:
-                            t_out = teacher(batch["input_ids"], batch["attention_mask"])
+                            t_out = teacher(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"])
                         t_start, t_end = t_out.start_logits.clone(), t_out.end_logits.clone()
                     loss, kd, ce = distillation_loss(out.start_logits, out.end_logits, t_start, t_end,
                                                      batch["start_positions"], batch["end_positions"],

@@ -2,9 +2,11 @@
 
 - `resolve_dir(name_or_path)`: a local directory as is; an alias or hub id downloaded through
   `huggingface_hub` (only the files needed; the HF cache and HF_HUB_OFFLINE are honoured).
-- `KEY_MAP`: the one table between HF names (`roberta.encoder.layer.3.attention.self.query.weight`)
-  and ours (`encoder.layers.3.attn.query.weight`). Every checkpoint key is mapped or explicitly
-  dropped (`DROPPED`); anything else, and every shape mismatch, is an error listing the keys.
+- `ALIASES`: the 17 checkpoints of the card's model-family table (and deepset's TinyRoBERTa line).
+- `KEY_MAPS`: one table per family between HF names (`roberta.encoder.layer.3.attention.self.query.weight`,
+  `deberta.encoder.layer.3.attention.self.query_proj.weight`) and ours (`encoder.layers.3.attn.query.weight`).
+  Every checkpoint key is mapped or explicitly dropped (`DROPPED`, per family); anything else, and every
+  shape mismatch, is an error listing the keys. Bare encoder checkpoints (no `bert.` prefix) load too.
 - `load_model` / `save_pretrained`: HF-layout directories (config.json + model.safetensors) in and out,
   loadable by `transformers.AutoModelForQuestionAnswering`.
 Follows nanoGPT's `from_pretrained` (assert the key sets and every shape) and litgpt's visible key map.
@@ -19,50 +21,81 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from .errors import TinyQAError
-from .model import RobertaConfig, RobertaForQA
+from .model import EncoderConfig, EncoderForQA
 
-# Short names for the published checkpoints this project is about.
+# Short names for the published checkpoints this project is about: the 17 rows of the TinyRoBERTa-MRQA
+# card's model-family table (VMware's hub ids without "VMware/"), then deepset's TinyRoBERTa line.
 ALIASES = {
-    "tinyroberta-mrqa": "VMware/tinyroberta-mrqa",
+    "bert-tiny-mrqa": "VMware/bert-tiny-mrqa",
+    "bert-base-mrqa": "VMware/bert-base-mrqa",
+    "bert-large-mrqa": "VMware/bert-large-mrqa",
+    "deberta-v3-xsmall-mrqa": "VMware/deberta-v3-xsmall-mrqa",
+    "deberta-v3-base-mrqa": "VMware/deberta-v3-base-mrqa",
+    "deberta-v3-large-mrqa": "VMware/deberta-v3-large-mrqa",
+    "electra-small-mrqa": "VMware/electra-small-mrqa",
+    "electra-base-mrqa": "VMware/electra-base-mrqa",
+    "electra-large-mrqa": "VMware/electra-large-mrqa",
+    "minilmv2-l6-h384-from-bert-large-mrqa": "VMware/minilmv2-l6-h384-from-bert-large-mrqa",
+    "minilmv2-l6-h768-from-bert-large-mrqa": "VMware/minilmv2-l6-h768-from-bert-large-mrqa",
+    "minilmv2-l6-h384-from-roberta-large-mrqa": "VMware/minilmv2-l6-h384-from-roberta-large-mrqa",
+    "minilmv2-l12-h384-from-roberta-large-mrqa": "VMware/minilmv2-l12-h384-from-roberta-large-mrqa",
+    "minilmv2-l6-h768-from-roberta-large-mrqa": "VMware/minilmv2-l6-h768-from-roberta-large-mrqa",
+    "roberta-base-mrqa": "VMware/roberta-base-mrqa",
     "roberta-large-mrqa": "VMware/roberta-large-mrqa",
+    "tinyroberta-mrqa": "VMware/tinyroberta-mrqa",
     "tinyroberta-squad2": "deepset/tinyroberta-squad2",
     "tinyroberta-squad2-step1": "deepset/tinyroberta-squad2-step1",
     "roberta-base-squad2": "deepset/roberta-base-squad2",
     "roberta-large-squad2": "deepset/roberta-large-squad2",
 }
 
-# The model card's macro-average EM / F1 of each VMware MRQA checkpoint, keyed by hub id: "dev" is the
-# card's "Eval" (the six in-domain MRQA dev sets), "test" its "Test" (the six out-of-domain ones). From the
-# card's model-family table; evaluate.py prints them beside what it measures on the same split.
-CARD_SCORES = {
-    "VMware/bert-tiny-mrqa": {"dev": (22.78, 32.42), "test": (10.18, 18.72)},
-    "VMware/bert-base-mrqa": {"dev": (64.48, 76.14), "test": (48.89, 59.89)},
-    "VMware/bert-large-mrqa": {"dev": (69.52, 80.50), "test": (55.00, 65.78)},
-    "VMware/deberta-v3-xsmall-mrqa": {"dev": (65.58, 77.17), "test": (50.92, 62.58)},
-    "VMware/deberta-v3-base-mrqa": {"dev": (71.43, 82.59), "test": (59.49, 70.46)},
-    "VMware/deberta-v3-large-mrqa": {"dev": (76.08, 86.23), "test": (64.27, 75.22)},
-    "VMware/electra-small-mrqa": {"dev": (57.63, 69.38), "test": (38.68, 51.56)},
-    "VMware/electra-base-mrqa": {"dev": (68.78, 80.16), "test": (54.70, 65.80)},
-    "VMware/electra-large-mrqa": {"dev": (74.15, 84.96), "test": (62.35, 73.28)},
-    "VMware/minilmv2-l6-h384-from-bert-large-mrqa": {"dev": (59.31, 71.09), "test": (41.78, 53.30)},
-    "VMware/minilmv2-l6-h768-from-bert-large-mrqa": {"dev": (64.27, 75.84), "test": (49.05, 59.82)},
-    "VMware/minilmv2-l6-h384-from-roberta-large-mrqa": {"dev": (59.27, 70.64), "test": (42.95, 54.03)},
-    "VMware/minilmv2-l12-h384-from-roberta-large-mrqa": {"dev": (64.58, 76.23), "test": (51.28, 62.83)},
-    "VMware/minilmv2-l6-h768-from-roberta-large-mrqa": {"dev": (65.80, 77.17), "test": (51.72, 63.27)},
-    "VMware/roberta-base-mrqa": {"dev": (69.06, 80.08), "test": (55.53, 66.49)},
-    "VMware/roberta-large-mrqa": {"dev": (74.08, 84.38), "test": (62.20, 72.88)},
-    "VMware/tinyroberta-mrqa": {"dev": (69.38, 80.07), "test": (53.29, 64.16)},
-}
+# The card's model-family table: (row, alias, eval EM, eval F1, test EM, test F1); macro averages over
+# MRQA's in-domain ("eval") and out-of-domain ("test") dev sets. evaluate.py --help and the README print it.
+CARD_FAMILY = [
+    ("BERT-Tiny", "bert-tiny-mrqa", 22.78, 32.42, 10.18, 18.72),
+    ("BERT-Base", "bert-base-mrqa", 64.48, 76.14, 48.89, 59.89),
+    ("BERT-Large", "bert-large-mrqa", 69.52, 80.50, 55.00, 65.78),
+    ("DeBERTa-v3-Extra-Small", "deberta-v3-xsmall-mrqa", 65.58, 77.17, 50.92, 62.58),
+    ("DeBERTa-v3-Base", "deberta-v3-base-mrqa", 71.43, 82.59, 59.49, 70.46),
+    ("DeBERTa-v3-Large", "deberta-v3-large-mrqa", 76.08, 86.23, 64.27, 75.22),
+    ("ELECTRA-Small", "electra-small-mrqa", 57.63, 69.38, 38.68, 51.56),
+    ("ELECTRA-Base", "electra-base-mrqa", 68.78, 80.16, 54.70, 65.80),
+    ("ELECTRA-Large-Discriminator", "electra-large-mrqa", 74.15, 84.96, 62.35, 73.28),
+    ("MiniLMv2-L6-H384-from-BERT-Large", "minilmv2-l6-h384-from-bert-large-mrqa", 59.31, 71.09, 41.78, 53.30),
+    ("MiniLMv2-L6-H768-from-BERT-Large", "minilmv2-l6-h768-from-bert-large-mrqa", 64.27, 75.84, 49.05, 59.82),
+    ("MiniLMv2-L6-H384-from-RoBERTa-Large", "minilmv2-l6-h384-from-roberta-large-mrqa", 59.27, 70.64, 42.95, 54.03),
+    ("MiniLMv2-L12-H384-from-RoBERTa-Large", "minilmv2-l12-h384-from-roberta-large-mrqa", 64.58, 76.23, 51.28, 62.83),
+    ("MiniLMv2-L6-H768-from-RoBERTa-Large", "minilmv2-l6-h768-from-roberta-large-mrqa", 65.80, 77.17, 51.72, 63.27),
+    ("RoBERTa-Base", "roberta-base-mrqa", 69.06, 80.08, 55.53, 66.49),
+    ("RoBERTa-Large", "roberta-large-mrqa", 74.08, 84.38, 62.20, 72.88),
+    ("TinyRoBERTa", "tinyroberta-mrqa", 69.38, 80.07, 53.29, 64.16),
+]
 
-TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "merges.txt")
 
-# HF name (without the "roberta." prefix) -> our name. "{i}" is a layer index; each entry covers the
-# ".weight" and ".bias" (or the embedding's ".weight") that follow it.
-KEY_MAP = {
+# The same numbers keyed by hub id, as evaluate.py looks them up: "dev" is the card's "Eval" (the six
+# in-domain MRQA dev sets), "test" its "Test" (the six out-of-domain ones).
+CARD_SCORES = {f"VMware/{alias}": {"dev": (a, b), "test": (c, d)} for _, alias, a, b, c, d in CARD_FAMILY}
+
+
+def card_table() -> str:
+    """The card's family table as aligned text (evaluate.py --help)."""
+    lines = [f"{'row':<38}{'alias (VMware/<alias> on the hub)':<44}{'eval EM':>8}{'F1':>7}{'test EM':>9}{'F1':>7}"]
+    lines += [f"{row:<38}{alias:<44}{a:>8.2f}{b:>7.2f}{c:>9.2f}{d:>7.2f}" for row, alias, a, b, c, d in CARD_FAMILY]
+    return "\n".join(lines)
+
+
+TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "merges.txt", "vocab.txt")
+
+# The key maps: HF name (without the family prefix "roberta.", "bert.", ...) -> our name. "{i}" is a layer
+# index; each entry covers the ".weight" and ".bias" (or the embedding's ".weight") that follow it.
+# BERT's names, which RoBERTa and ELECTRA share:
+_BERT_EMBEDDINGS = {
     "embeddings.word_embeddings": "encoder.embeddings.word",
     "embeddings.position_embeddings": "encoder.embeddings.position",
     "embeddings.token_type_embeddings": "encoder.embeddings.token_type",
     "embeddings.LayerNorm": "encoder.embeddings.ln",
+}
+_BERT_LAYER = {
     "encoder.layer.{i}.attention.self.query": "encoder.layers.{i}.attn.query",
     "encoder.layer.{i}.attention.self.key": "encoder.layers.{i}.attn.key",
     "encoder.layer.{i}.attention.self.value": "encoder.layers.{i}.attn.value",
@@ -71,28 +104,61 @@ KEY_MAP = {
     "encoder.layer.{i}.intermediate.dense": "encoder.layers.{i}.ffn.up",
     "encoder.layer.{i}.output.dense": "encoder.layers.{i}.ffn.down",
     "encoder.layer.{i}.output.LayerNorm": "encoder.layers.{i}.ln_ffn",
-    "qa_outputs": "qa_outputs",
 }
-# Keys a checkpoint may carry that the QA model does not use: the pooler (next-sentence head), the
-# masked-LM head of a base checkpoint, and position/token-type id buffers some versions serialised.
-DROPPED = re.compile(r"^(pooler\.|lm_head\.|classifier\.)|\.position_ids$|\.token_type_ids$")
+KEY_MAPS = {
+    "roberta": {**_BERT_EMBEDDINGS, **_BERT_LAYER, "qa_outputs": "qa_outputs"},
+    "bert": {**_BERT_EMBEDDINGS, **_BERT_LAYER, "qa_outputs": "qa_outputs"},
+    "electra": {**_BERT_EMBEDDINGS, "embeddings_project": "encoder.embeddings.project", **_BERT_LAYER,
+                "qa_outputs": "qa_outputs"},
+    "deberta-v2": {
+        "embeddings.word_embeddings": "encoder.embeddings.word",
+        "embeddings.token_type_embeddings": "encoder.embeddings.token_type",  # only when type_vocab_size > 0
+        "embeddings.LayerNorm": "encoder.embeddings.ln",
+        "encoder.rel_embeddings": "encoder.rel_embeddings",
+        "encoder.LayerNorm": "encoder.ln_rel",  # normalises rel_embeddings, not the hidden states
+        "encoder.layer.{i}.attention.self.query_proj": "encoder.layers.{i}.attn.query",
+        "encoder.layer.{i}.attention.self.key_proj": "encoder.layers.{i}.attn.key",
+        "encoder.layer.{i}.attention.self.value_proj": "encoder.layers.{i}.attn.value",
+        "encoder.layer.{i}.attention.output.dense": "encoder.layers.{i}.attn.out",
+        "encoder.layer.{i}.attention.output.LayerNorm": "encoder.layers.{i}.ln_attn",
+        "encoder.layer.{i}.intermediate.dense": "encoder.layers.{i}.ffn.up",
+        "encoder.layer.{i}.output.dense": "encoder.layers.{i}.ffn.down",
+        "encoder.layer.{i}.output.LayerNorm": "encoder.layers.{i}.ln_ffn",
+        "qa_outputs": "qa_outputs",
+    },
+}
+KEY_MAP = KEY_MAPS["roberta"]  # tinyqa's first name for RoBERTa's table
+PREFIX = {"roberta": "roberta.", "bert": "bert.", "electra": "electra.", "deberta-v2": "deberta."}
+# Keys a checkpoint may carry that the QA model does not use, explicitly, per family: pre-training heads
+# (masked LM, next sentence, ELECTRA's discriminator and generator, DeBERTa's mask and LM predictions),
+# poolers and classifier heads, the position/token-type id buffers some versions serialised, and
+# DeBERTa-v3's absolute position table, which its config switches off (position_biased_input false).
+_BUFFERS = r"|\.position_ids$|\.token_type_ids$"
+DROPPED = {
+    "roberta": re.compile(r"^(pooler\.|lm_head\.|classifier\.)" + _BUFFERS),
+    "bert": re.compile(r"^(pooler\.|cls\.|classifier\.)" + _BUFFERS),
+    "electra": re.compile(r"^(discriminator_predictions\.|generator_predictions\.|generator_lm_head\.|"
+                          r"generator\.|classifier\.)" + _BUFFERS),
+    "deberta-v2": re.compile(r"^(pooler\.|mask_predictions\.|lm_predictions\.|cls\.|classifier\.|"
+                             r"embeddings\.position_embeddings\.)" + _BUFFERS),
+}
 
 
-def _our_to_hf(ours: str) -> str:
+def _our_to_hf(ours: str, family: str = "roberta") -> str:
     """encoder.layers.3.attn.query.weight -> roberta.encoder.layer.3.attention.self.query.weight"""
     stem, leaf = ours.rsplit(".", 1)
-    for hf, our in KEY_MAP.items():
+    for hf, our in KEY_MAPS[family].items():
         m = re.fullmatch(our.replace(".", r"\.").replace("{i}", r"(\d+)"), stem)
         if m:
             name = hf.replace("{i}", m.group(1)) if m.groups() else hf
-            return name + "." + leaf if name == "qa_outputs" else "roberta." + name + "." + leaf
-    raise KeyError(f"no HF name for parameter {ours!r}: add it to KEY_MAP")
+            return name + "." + leaf if name == "qa_outputs" else PREFIX[family] + name + "." + leaf
+    raise KeyError(f"no HF name for parameter {ours!r}: add it to KEY_MAPS[{family!r}]")
 
 
-def _normalise_hf(key: str) -> str:
-    """Strip the optional 'roberta.' prefix (bare RobertaModel checkpoints have none) and rename the
-    old TF-port LayerNorm gamma/beta to weight/bias, as transformers does."""
-    key = key.removeprefix("roberta.")
+def _normalise_hf(key: str, family: str = "roberta") -> str:
+    """Strip the optional family prefix (bare encoder checkpoints, e.g. BertModel's, have none) and rename
+    the old TF-port LayerNorm gamma/beta to weight/bias, as transformers does."""
+    key = key.removeprefix(PREFIX[family])
     return re.sub(r"(LayerNorm)\.gamma$", r"\1.weight", re.sub(r"(LayerNorm)\.beta$", r"\1.bias", key))
 
 
@@ -134,9 +200,12 @@ def resolve_dir(name_or_path: str, model=True, tokenizer=True) -> str:
         path = _hub_download(repo_id, "config.json")
         if not _hub_download(repo_id, "model.safetensors", optional=True):
             _hub_download(repo_id, "pytorch_model.bin")
-    if tokenizer:  # deepset/roberta-base-squad2 ships only vocab.json + merges.txt
-        path = _hub_download(repo_id, "tokenizer.json", optional=True) or path
-        if not path or not path.endswith("tokenizer.json"):
+    if tokenizer:  # tokenizer.json, else BERT's vocab.txt, else RoBERTa's vocab.json + merges.txt
+        # (deepset/roberta-base-squad2 ships only vocab.json + merges.txt); tokenizer_config.json says
+        # whether a vocab.txt is cased.
+        _hub_download(repo_id, "tokenizer_config.json", optional=True)
+        path = _hub_download(repo_id, "tokenizer.json", optional=True) or _hub_download(repo_id, "vocab.txt", optional=True)
+        if not path:
             _hub_download(repo_id, "vocab.json")
             path = _hub_download(repo_id, "merges.txt")
     return os.path.dirname(path)
@@ -161,23 +230,23 @@ def read_state_dict(directory: str) -> dict:
     raise TinyQAError(f"{directory}: no model.safetensors or pytorch_model.bin")
 
 
-def load_state_dict_into(model: RobertaForQA, hf_state: dict, where: str = "checkpoint") -> list:
+def load_state_dict_into(model: EncoderForQA, hf_state: dict, where: str = "checkpoint") -> list:
     """Copy an HF-named state dict into `model`, auditing every key and shape.
 
     Returns the list of our parameters that the checkpoint lacked and that were therefore left freshly
     initialised: only the QA head is allowed to be missing (a base LM checkpoint, e.g. to distil into).
     """
-    ours = model.state_dict()
-    hf_to_ours = {_our_to_hf(k).removeprefix("roberta."): k for k in ours}
+    ours, family = model.state_dict(), model.config.family
+    hf_to_ours = {_our_to_hf(k, family).removeprefix(PREFIX[family]): k for k in ours}
     mapped, unexpected, shape_errors = {}, [], []
     for key, tensor in hf_state.items():
-        norm = _normalise_hf(key)
+        norm = _normalise_hf(key, family)
         if norm in hf_to_ours:
             target = hf_to_ours[norm]
             if tuple(tensor.shape) != tuple(ours[target].shape):
                 shape_errors.append(f"{key}: checkpoint {tuple(tensor.shape)} vs model {tuple(ours[target].shape)}")
             mapped[target] = tensor
-        elif not DROPPED.search(norm):
+        elif not DROPPED[family].search(norm):
             unexpected.append(key)
     missing = [k for k in ours if k not in mapped]
     head_only = all(k.startswith("qa_outputs.") for k in missing)
@@ -185,7 +254,7 @@ def load_state_dict_into(model: RobertaForQA, hf_state: dict, where: str = "chec
     if unexpected:
         problems.append(f"unexpected keys {sorted(unexpected)[:10]}{' ...' if len(unexpected) > 10 else ''}")
     if missing and not head_only:
-        problems.append(f"missing keys {[_our_to_hf(k) for k in missing][:10]}{' ...' if len(missing) > 10 else ''}")
+        problems.append(f"missing keys {[_our_to_hf(k, family) for k in missing][:10]}{' ...' if len(missing) > 10 else ''}")
     if shape_errors:
         problems.append("shape mismatches " + "; ".join(shape_errors[:10]))
     if problems:
@@ -196,17 +265,22 @@ def load_state_dict_into(model: RobertaForQA, hf_state: dict, where: str = "chec
     return missing
 
 
-def load_model(name_or_path: str, device="cpu", dtype=torch.float32, verbose=True) -> RobertaForQA:
-    """A RobertaForQA in eval mode from a local HF-layout directory, an alias or a hub id."""
-    directory = resolve_dir(name_or_path, model=True, tokenizer=False)
+def load_model_config(directory: str) -> EncoderConfig:
+    """The EncoderConfig of a checkpoint directory's config.json, or a one-line error."""
     cfg_path = os.path.join(directory, "config.json")
     if not os.path.exists(cfg_path):
         raise TinyQAError(f"{directory}: no config.json (expected an HF-layout checkpoint directory)")
     try:
-        cfg = RobertaConfig.from_json(cfg_path)
+        return EncoderConfig.from_json(cfg_path)
     except (ValueError, TypeError, json.JSONDecodeError) as e:
         raise TinyQAError(f"{cfg_path}: {e}")
-    model = RobertaForQA(cfg)
+
+
+def load_model(name_or_path: str, device="cpu", dtype=torch.float32, verbose=True) -> EncoderForQA:
+    """An EncoderForQA (of the family its config.json names) in eval mode from a local HF-layout directory,
+    an alias or a hub id."""
+    directory = resolve_dir(name_or_path, model=True, tokenizer=False)
+    model = EncoderForQA(load_model_config(directory))
     missing = load_state_dict_into(model, read_state_dict(directory), where=directory)
     if missing and verbose:
         print(f"notice: {name_or_path} has no QA head (qa_outputs); it was initialised fresh: train it before use",
@@ -214,10 +288,11 @@ def load_model(name_or_path: str, device="cpu", dtype=torch.float32, verbose=Tru
     return model.to(device=device, dtype=dtype).eval()
 
 
-def save_pretrained(model: RobertaForQA, directory: str, tokenizer=None):
-    """Write config.json + model.safetensors under HF names (and tokenizer.json if given)."""
+def save_pretrained(model: EncoderForQA, directory: str, tokenizer=None):
+    """Write config.json + model.safetensors under the family's HF names (and the tokenizer files if given,
+    with the model's window length as model_max_length)."""
     os.makedirs(directory, exist_ok=True)
-    state = {_our_to_hf(k): v.detach().to("cpu", torch.float32).contiguous() for k, v in model.state_dict().items()}
+    state = {_our_to_hf(k, model.config.family): v.detach().to("cpu", torch.float32).contiguous() for k, v in model.state_dict().items()}
     tmp = os.path.join(directory, "model.safetensors.tmp")
     save_file(state, tmp, metadata={"format": "pt"})
     os.replace(tmp, os.path.join(directory, "model.safetensors"))  # never leave a half-written checkpoint
@@ -225,4 +300,4 @@ def save_pretrained(model: RobertaForQA, directory: str, tokenizer=None):
         json.dump(model.config.to_dict(), f, indent=2)
     if tokenizer is not None:
         from .tokenizer import save_tokenizer
-        save_tokenizer(tokenizer, directory)
+        save_tokenizer(tokenizer, directory, model_max_length=model.config.max_window_len)
