@@ -302,7 +302,7 @@ def test_base_checkpoint_heads_dropped_and_unknown_keys_listed(family, tmp_path,
         state["lm_predictions.lm_head.bias"] = torch.zeros(10)
     save_file(state, f, metadata={"format": "pt"})
     ours = load_model(str(tmp_path))
-    assert "no QA head" in capsys.readouterr().out
+    assert "no QA head" in capsys.readouterr().err
     ids, mask, types = padded_batch(tok, squad_pairs, [80, 30], ours.config.pad_token_id)
     with torch.no_grad():
         a = lm(input_ids=ids, attention_mask=mask, token_type_ids=types, output_hidden_states=True).hidden_states
@@ -404,7 +404,7 @@ def test_real_minilm_weights_match_transformers(minilm_dir, capsys, squad_pairs)
     """Its bare BertModel weights (no 'bert.' prefix, a pooler, a position_ids buffer) with a fresh QA head,
     against transformers' BertForQuestionAnswering holding the same weights and our fresh head."""
     ours = load_model(str(minilm_dir))
-    assert "no QA head" in capsys.readouterr().out
+    assert "no QA head" in capsys.readouterr().err
     hf = transformers.BertForQuestionAnswering.from_pretrained(minilm_dir).eval()
     with torch.no_grad():
         hf.qa_outputs.weight.copy_(ours.qa_outputs.weight)
