@@ -9,17 +9,21 @@ Prints a table per dataset plus the macro average over datasets (MRQA's headline
 """
 import argparse
 import json
-import os
 import sys
 import time
 
 import torch
 
+from tinyqa.checks import (check_device, check_distinct_outputs, check_featurizer, check_input_files,
+                           check_output_file, nonneg_int, positive_int)
 from tinyqa.errors import TinyQAError, cli_errors
+from tinyqa.files import write_json
 from tinyqa.infer import DecodeConfig, featurizer_config_of, predict
 from tinyqa.metrics import score_datasets
-from tinyqa.mrqa import ReadReport, read_mrqa, split_files
+from tinyqa.mrqa import ReadReport, read_files, split_files
 from tinyqa.train import HelpFormatter
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def get_args(argv=None):
@@ -31,7 +35,7 @@ def get_args(argv=None):
     g.add_argument("--data", nargs="+", metavar="FILE", help="local MRQA .jsonl or .jsonl.gz files instead of --split")
     g.add_argument("--skip-bad", action="store_true",
                    help="skip malformed lines (counted and reported) instead of stopping at the first one")
-    g.add_argument("--limit", type=int, default=None, help="evaluate only the first N questions of each file")
+    g.add_argument("--limit", type=positive_int, default=None, help="evaluate only the first N questions of each file")
     g = p.add_argument_group("model")
     g.add_argument("--model", default="tinyroberta-mrqa", help="alias, hub id or local checkpoint directory")
     g.add_argument("--predictions", metavar="FILE",
@@ -40,15 +44,15 @@ def get_args(argv=None):
     g.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32", help="weights/compute dtype")
     g.add_argument("--quantize", choices=["int8"], default=None,
                    help="CPU only: dynamic int8 quantisation of the Linear layers (faster, slightly less accurate)")
-    g.add_argument("--batch-size", type=int, default=64, help="windows per forward pass (length-sorted)")
-    g.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice)")
+    g.add_argument("--batch-size", type=positive_int, default=64, help="windows per forward pass (length-sorted)")
+    g.add_argument("--threads", type=positive_int, default=None, help="torch intra-op threads (default: torch's choice)")
     g = p.add_argument_group("featurizer and decoder (model card defaults; a checkpoint trained by tinyqa "
                              "brings its own window settings in its args.json)")
-    g.add_argument("--max-seq-len", type=int, default=None, help="tokens per window, special tokens included (card: 384)")
-    g.add_argument("--doc-stride", type=int, default=None, help="overlap in tokens between consecutive windows (card: 128)")
-    g.add_argument("--max-query-length", type=int, default=None, help="question tokens kept, the rest is cut (card: 64)")
-    g.add_argument("--n-best", type=int, default=20, help="top start and end logits combined per window")
-    g.add_argument("--max-answer-len", type=int, default=30, help="longest answer in tokens")
+    g.add_argument("--max-seq-len", type=positive_int, default=None, help="tokens per window, special tokens included (card: 384)")
+    g.add_argument("--doc-stride", type=nonneg_int, default=None, help="overlap in tokens between consecutive windows (card: 128)")
+    g.add_argument("--max-query-length", type=positive_int, default=None, help="question tokens kept, the rest is cut (card: 64)")
+    g.add_argument("--n-best", type=positive_int, default=20, help="top start and end logits combined per window")
+    g.add_argument("--max-answer-len", type=positive_int, default=30, help="longest answer in tokens")
     g.add_argument("--allow-null", action="store_true", help="allow the empty answer (SQuAD 2.0-style models)")
     g = p.add_argument_group("output")
     g.add_argument("--output", metavar="FILE", help="write predictions as {qid: answer} JSON (the official format)")
@@ -60,24 +64,35 @@ def get_args(argv=None):
     return args
 
 
+def check_args(args):
+    """Everything that can be refused before a model is loaded or a question read: inputs readable,
+    outputs writable (and not overwriting an input), the device, the window settings."""
+    check_input_files(args.data, "--data")
+    check_input_files([args.predictions] if args.predictions else [], "--predictions")
+    check_output_file(args.output, "--output")
+    check_output_file(args.metrics, "--metrics")
+    check_distinct_outputs({"--output": args.output, "--metrics": args.metrics},
+                           inputs=(args.data or []) + ([args.predictions] if args.predictions else []))
+    if args.predictions:
+        return None
+    check_device(args.device, DTYPES[args.dtype], args.quantize)
+    fcfg = featurizer_config_of(args.model, max_seq_len=args.max_seq_len, doc_stride=args.doc_stride,
+                                max_query_length=args.max_query_length)
+    check_featurizer(fcfg.max_seq_len, fcfg.doc_stride, fcfg.max_query_length)
+    return fcfg
+
+
 def load_examples(args):
     """{dataset name: [Example]} in file order; names come from each file's header, else its name."""
     files = args.data or split_files(args.split or "dev", progress=not args.quiet)
-    by_dataset, report = {}, ReadReport()
-    for path in files:
-        examples = []
-        for ex in read_mrqa(path, skip_bad=args.skip_bad, report=report):
-            if args.limit is not None and len(examples) >= args.limit:
-                break
-            examples.append(ex)
-        name, k = examples[0].dataset if examples else os.path.basename(path), 2
-        while name in by_dataset:  # two files naming the same dataset stay apart
-            name, k = f"{examples[0].dataset}#{k}", k + 1
-        by_dataset[name] = examples
-    if report.skipped:
-        print(f"skipped {len(report.skipped)} malformed line(s):", file=sys.stderr)
-        for s in report.skipped:
-            print(f"  {s}", file=sys.stderr)
+    report = ReadReport()
+    by_dataset = {}
+    for path, name, examples in read_files(files, args.limit, args.skip_bad, report, flag="--data"):
+        unique, k = name, 2
+        while unique in by_dataset:  # two files naming the same dataset stay apart
+            unique, k = f"{name}#{k}", k + 1
+        by_dataset[unique] = examples
+    report.print(lambda line: print(line, file=sys.stderr))
     return by_dataset
 
 
@@ -85,11 +100,22 @@ def read_predictions(path):
     try:
         with open(path, encoding="utf-8") as f:
             preds = json.load(f)
-    except (OSError, json.JSONDecodeError) as e:
-        raise TinyQAError(f"{path}: cannot read predictions JSON ({e})")
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise TinyQAError(f"--predictions {path}: cannot read predictions JSON ({e})")
     if not isinstance(preds, dict) or not all(isinstance(v, str) for v in preds.values()):
-        raise TinyQAError(f"{path}: predictions must be a JSON object {{qid: answer string}}")
+        raise TinyQAError(f"--predictions {path}: must be a JSON object {{qid: answer string}}")
     return preds
+
+
+def report_coverage(answers, examples, path):
+    """Questions without a prediction score 0, as in the official script: say so loudly, naming a few."""
+    missing = [ex.qid for ex in examples if ex.qid not in answers]
+    if missing:
+        print(f"warning: {len(missing)} of {len(examples)} questions have no prediction in {path} and score 0: "
+              f"{', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}", file=sys.stderr)
+    unknown = len(set(answers) - {ex.qid for ex in examples})
+    if unknown:
+        print(f"note: {unknown} predicted qids are not in the data and were ignored", file=sys.stderr)
 
 
 def print_table(metrics):
@@ -101,21 +127,20 @@ def print_table(metrics):
 
 def main(argv=None):
     args = get_args(argv)
+    fcfg = check_args(args)
     if args.threads:
         torch.set_num_threads(args.threads)
+    qa = None
+    if not args.predictions:  # the model first: a wrong --model fails before any data is downloaded or read
+        from tinyqa.infer import QuestionAnswerer
+        qa = QuestionAnswerer.from_pretrained(args.model, device=args.device, dtype=DTYPES[args.dtype],
+                                              quantize=args.quantize)
     by_dataset = load_examples(args)
     all_examples = [ex for exs in by_dataset.values() for ex in exs]
     if args.predictions:
         answers = read_predictions(args.predictions)
-        unknown = len(set(answers) - {ex.qid for ex in all_examples})
-        if unknown:
-            print(f"note: {unknown} predicted qids are not in the data and were ignored", file=sys.stderr)
+        report_coverage(answers, all_examples, args.predictions)
     else:
-        from tinyqa.infer import QuestionAnswerer
-        dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
-        fcfg = featurizer_config_of(args.model, max_seq_len=args.max_seq_len, doc_stride=args.doc_stride,
-                                    max_query_length=args.max_query_length)
-        qa = QuestionAnswerer.from_pretrained(args.model, device=args.device, dtype=dtype, quantize=args.quantize)
         dcfg = DecodeConfig(args.n_best, args.max_answer_len, args.allow_null)
         t0 = time.perf_counter()
         preds = predict(qa.model, qa.tokenizer, all_examples, fcfg, dcfg, args.batch_size, args.device,
@@ -124,12 +149,10 @@ def main(argv=None):
         answers = {qid: p.text for qid, p in preds.items()}
         print(f"{len(all_examples)} questions in {elapsed:.1f}s ({len(all_examples) / elapsed:.1f} questions/s)")
     if args.output:
-        with open(args.output, "w", encoding="utf-8") as f:
-            json.dump(answers, f, ensure_ascii=False, indent=0)
+        write_json(args.output, answers, ensure_ascii=False, indent=0)
     metrics = score_datasets(answers, by_dataset)
     if args.metrics:
-        with open(args.metrics, "w") as f:
-            json.dump(metrics, f, indent=2)
+        write_json(args.metrics, metrics, indent=2)
     print_table(metrics)
     return metrics
 

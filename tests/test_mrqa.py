@@ -55,7 +55,7 @@ def test_bad_lines_name_file_line_and_field(tmp_path, bad, match):
 def test_truncated_gzip_is_a_clear_error(tmp_path):
     p = write_jsonl(tmp_path / "c.jsonl.gz", [row(f"q{i}") for i in range(200)])
     p.write_bytes(p.read_bytes()[:-30])
-    with pytest.raises(TinyQAError, match="c.jsonl.gz: cannot be read"):
+    with pytest.raises(TinyQAError, match=r"c\.jsonl\.gz:\d+: the file is cut or corrupt"):
         list(read_mrqa(p))
 
 

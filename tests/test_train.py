@@ -190,10 +190,10 @@ def test_resume_gives_the_same_weights(synth, tmp_path):
 
 
 def test_teacher_cache_reused_and_invalidated(synth, teacher, tmp_path, monkeypatch):
-    import tinyqa.train as T
+    import tinyqa.teacher_cache as T
     calls = []
-    real = T.compute_teacher_cache
-    monkeypatch.setattr(T, "compute_teacher_cache", lambda *a, **k: (calls.append(1), real(*a, **k)))
+    real = T.compute
+    monkeypatch.setattr(T, "compute", lambda *a, **k: (calls.append(1), real(*a, **k)))
     extra = ["--init-config", synth["student_cfg"], "--epochs", "1", "--batch-size", "64", "--limit", "60",
              "--teacher-cache", str(tmp_path / "cache")]
     train(distill_args(synth, tmp_path / "a", teacher, *extra))

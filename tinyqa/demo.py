@@ -88,6 +88,7 @@ def main(argv=None):
     common = ["--train", str(train_file), "--tokenizer", tok_dir, "--max-seq-len", str(args.max_seq_len),
               "--doc-stride", str(args.doc_stride), "--batch-size", str(args.batch_size), "--lr", str(args.lr),
               "--warmup-proportion", "0.1", "--seed", str(args.seed), "--save-every", "0", "--device", "cpu",
+              "--overwrite",  # the demo owns its subfolders: a second demo run replaces the first
               *(["--quiet"] if args.quiet else [])]
     finetune, distill = build_parser(False), build_parser(True)  # the card's w 0.75 and T 1.5 stay
     dirs = {k: os.path.join(out, k) for k in ("teacher", "student-distilled", "student-ce", "student-init")}

@@ -7,14 +7,14 @@
 Features are sorted by length before batching, so each batch is padded only to its own longest window;
 logits are trimmed back to each feature's length before decoding.
 """
-import json
 import os
 from dataclasses import dataclass, replace
 
 import torch
 
+from .checks import check_device, check_vocab, check_window
 from .decode import decode
-from .errors import TinyQAError
+from .files import read_json
 from .features import FeaturizerConfig, collate, featurize, length_sorted_batches
 from .mrqa import Example
 
@@ -30,6 +30,8 @@ def quantize_int8(model):
     """Dynamic int8 quantisation of every Linear (CPU only): weights stored int8, activations quantised
     per batch. Trades a little accuracy for speed; see benchmarks/bench_inference.py."""
     from torch.ao.quantization import quantize_dynamic
+    p = next(model.parameters())
+    check_device(p.device, p.dtype, "int8")
     return quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
 
 
@@ -69,9 +71,9 @@ def featurizer_config_of(name_or_path, **overrides) -> FeaturizerConfig:
     cfg = FeaturizerConfig()
     path = os.path.join(name_or_path, "args.json")
     if os.path.isdir(name_or_path) and os.path.exists(path):
-        with open(path) as f:
-            saved = json.load(f)
-        cfg = FeaturizerConfig(**{k: saved[k] for k in ("max_seq_len", "doc_stride", "max_query_length") if k in saved})
+        saved = read_json(path, "the checkpoint's training arguments")
+        cfg = FeaturizerConfig(**{k: saved[k] for k in ("max_seq_len", "doc_stride", "max_query_length")
+                                  if isinstance(saved.get(k), int)})
     return replace(cfg, **{k: v for k, v in overrides.items() if v is not None})
 
 
@@ -79,11 +81,9 @@ def predict(model, tokenizer, examples, fcfg=FeaturizerConfig(), dcfg=DecodeConf
             device="cpu", progress=False) -> dict:
     """{qid: Prediction} for a list of Examples."""
     cfg = getattr(model, "config", None)
-    if cfg is not None:
-        limit = cfg.max_position_embeddings - cfg.pad_token_id - 1  # RoBERTa positions start at pad_token_id + 1
-        if fcfg.max_seq_len > limit:
-            raise TinyQAError(f"max_seq_len {fcfg.max_seq_len} is longer than the model's {limit} positions: "
-                              f"pass --max-seq-len {limit} or less")
+    if cfg is not None:  # a quantised model keeps its config too
+        check_window(cfg, fcfg.max_seq_len)
+        check_vocab(tokenizer, cfg)
     features = featurize(examples, tokenizer, fcfg, with_labels=False)
     starts, ends = run_model(model, features, batch_size, device, progress)
     return decode(examples, features, starts, ends, dcfg.n_best, dcfg.max_answer_len, dcfg.allow_null)
