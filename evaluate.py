@@ -22,6 +22,7 @@ from tinyqa.infer import DecodeConfig, featurizer_config_of, predict
 from tinyqa.metrics import score_datasets
 from tinyqa.mrqa import ReadReport, read_files, split_files
 from tinyqa.train import HelpFormatter
+from tinyqa.weights import resolve_dir
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -76,6 +77,7 @@ def check_args(args):
     if args.predictions:
         return None
     check_device(args.device, DTYPES[args.dtype], args.quantize)
+    args.model = resolve_dir(args.model, flag="--model")  # a local folder now (downloaded if a hub id)
     fcfg = featurizer_config_of(args.model, max_seq_len=args.max_seq_len, doc_stride=args.doc_stride,
                                 max_query_length=args.max_query_length)
     check_featurizer(fcfg.max_seq_len, fcfg.doc_stride, fcfg.max_query_length)

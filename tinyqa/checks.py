@@ -34,6 +34,7 @@ seed_int = _number(int, lambda v: 0 <= v < 2 ** 32, "an integer in [0, 2^32)")  
 positive_float = _number(float, lambda v: v > 0, "a positive finite number")
 nonneg_float = _number(float, lambda v: v >= 0, "a finite number >= 0")
 unit_float = _number(float, lambda v: 0 <= v <= 1, "a number in [0, 1]")
+learning_rate = _number(float, lambda v: 0 < v <= 1, "a learning rate in (0, 1]")  # AdamW's steps are about lr
 
 
 # --- output paths: checked before the work, written atomically after it (files.atomic_write)
@@ -80,7 +81,11 @@ def check_distinct_outputs(outputs: dict, inputs=()):
 
 def check_input_files(paths, flag):
     """Files we will read: each must exist and be a readable file (a folder is refused here, not mid-read)."""
+    seen = set()
     for path in paths or ():
+        if os.path.realpath(path) in seen:
+            raise TinyQAError(f"{flag} {path}: given twice")
+        seen.add(os.path.realpath(path))
         if os.path.isdir(path):
             raise TinyQAError(f"{flag} {path}: is a directory, not a file")
         if not os.path.exists(path):

@@ -66,6 +66,8 @@ def check_fresh_out(out, overwrite):
 
 def clear_run(out):
     """--overwrite: remove what an earlier run wrote into out (only tinyqa's own files; others stay)."""
+    if not os.path.isdir(out):
+        return
     for _, path in checkpoints(out):
         shutil.rmtree(path)
     for path in glob.glob(os.path.join(glob.escape(out), "checkpoint-*.tmp")) + \
@@ -101,6 +103,25 @@ def restart_log(out, start_step, steps_per_epoch):
                 keep.append(line if line.endswith("\n") else line + "\n")
     with atomic_write(path) as f:
         f.writelines(keep)
+
+
+class RunLog:
+    """log.jsonl, one JSON object per line, flushed each row; opened at the first row, so a run that fails
+    before its first step leaves no log behind (and no --out that later runs must --overwrite)."""
+
+    def __init__(self, path, append):
+        self.path, self.mode, self.f = path, "a" if append else "w", None
+
+    def write(self, row: dict):
+        if self.f is None:
+            os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
+            self.f = open(self.path, self.mode, encoding="utf-8")
+        self.f.write(json.dumps(row) + "\n")
+        self.f.flush()
+
+    def close(self):
+        if self.f is not None:
+            self.f.close()
 
 
 # --- checkpoints
@@ -208,7 +229,8 @@ def resume_args(args):
         raise TinyQAError(f"--resume keeps the settings the run started with; drop {', '.join(conflicts)}, or "
                           "start a new run")
     for k, v in saved.items():
-        if k not in RUNTIME_ARGS:
+        # Runtime flags (--save-every, --device, ...) keep the run's values unless given again now.
+        if k not in RUNTIME_ARGS or (k not in given and k not in ("resume", "stop_after", "overwrite")):
             setattr(args, k, v)
     args.out = run_dir
     return args

@@ -27,7 +27,7 @@ import torch
 
 from .errors import TinyQAError
 from .features import collate, length_sorted_batches
-from .files import disk_error, file_sha256
+from .files import _umask, disk_error, file_sha256
 
 
 def default_root():
@@ -87,6 +87,7 @@ def compute(teacher, features, folder, info, batch_size, device, autocast, max_t
     root = os.path.dirname(folder)
     tmp = tempfile.mkdtemp(dir=root, prefix=os.path.basename(folder) + ".tmp-")  # unique per run
     try:
+        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700; a shared cache must stay readable by others
         with open(os.path.join(tmp, "logits.npy"), "wb") as f:
             np.lib.format.write_array_header_1_0(
                 f, {"descr": np.dtype(np.float16).str, "fortran_order": False, "shape": (int(offsets[-1]), 2)})

@@ -16,7 +16,6 @@ Notable:
 - `torchrun --nproc-per-node N` runs DistributedDataParallel (nccl on GPU, gloo on CPU).
 """
 import argparse
-import json
 import math
 import os
 import random
@@ -31,14 +30,15 @@ from torch.optim.lr_scheduler import LambdaLR
 
 from . import teacher_cache
 from .checks import (check_device, check_featurizer, check_input_files, check_output_dir, check_vocab,
-                     check_window, nonneg_float, nonneg_int, positive_float, positive_int, seed_int, unit_float)
+                     check_window, learning_rate, nonneg_float, nonneg_int, positive_float, positive_int, seed_int,
+                     unit_float)
 from .errors import TinyQAError
 from .features import FeaturizerConfig, collate, featurize
 from .infer import max_tokens_for
 from .losses import distillation_loss, span_ce_loss
 from .model import RobertaConfig, RobertaForQA
 from .mrqa import ReadReport, read_files, split_files
-from .runs import (StopSignal, check_fresh_out, clear_run, load_training_state, prune_checkpoints, restart_log,
+from .runs import (RunLog, StopSignal, check_fresh_out, clear_run, load_training_state, prune_checkpoints, restart_log,
                    resume_args, rng_states, save_checkpoint, save_final, set_rng_states)
 from .tokenizer import load_tokenizer, tokenizer_fingerprint
 from .weights import load_config, load_model, resolve_dir
@@ -122,7 +122,7 @@ def build_parser(distill: bool, defaults: dict = None, description: str = "") ->
     g.add_argument("--batch-size", type=positive_int, default=defaults["batch_size"], help="windows per optimizer step, all GPUs together")
     g.add_argument("--grad-accum", type=positive_int, default=1, help="micro-batches per optimizer step (per process)")
     g.add_argument("--epochs", type=positive_int, default=defaults["epochs"], help="passes over the training windows")
-    g.add_argument("--lr", type=positive_float, default=defaults["lr"], help="peak learning rate")
+    g.add_argument("--lr", type=learning_rate, default=defaults["lr"], help="peak learning rate")
     g.add_argument("--warmup-proportion", type=unit_float, default=defaults["warmup_proportion"],
                    help="fraction of the optimizer steps spent warming the lr up linearly from 0")
     g.add_argument("--weight-decay", type=nonneg_float, default=0.01, help="AdamW weight decay (none on biases, LayerNorm)")
@@ -201,9 +201,11 @@ def read_training_examples(files, limit, skip_bad, log):
     return examples
 
 
-def diverged(step, sums, args, last_checkpoint):
-    """The error for a loss that is NaN or infinite, naming the flags that usually cause it."""
-    causes = [f"--lr {args.lr} too high"]
+def diverged(step, first, sums, args, last_checkpoint):
+    """The error for a loss that is NaN or infinite, naming the flags that usually cause it. At a run's first
+    step no update has happened yet, so there the learning rate cannot be the cause."""
+    flag = "--init-config" if args.init_config else "--student" if args.distill else "--model"
+    causes = [f"the initial weights ({flag})" if first else f"--lr {args.lr} too high"]
     if args.distill:
         causes.append(f"--temperature {args.temperature} too small")
     if args.precision == "fp16" and args.device.startswith("cuda"):
@@ -405,13 +407,12 @@ def train(args):
 
     # --- the run folder: only now, with every check passed, is an --overwrite'd run removed
     if master:
-        os.makedirs(args.out, exist_ok=True)
         if args.resume:
             restart_log(args.out, start_step, steps_per_epoch)
         elif args.overwrite:
             clear_run(args.out)
     from tqdm import tqdm
-    log_file = open(os.path.join(args.out, "log.jsonl"), "a" if args.resume else "w") if master else None
+    log_file = RunLog(os.path.join(args.out, "log.jsonl"), append=bool(args.resume)) if master else None
     bar = tqdm(total=total_steps, initial=start_step, desc="distill" if distill else "finetune",
                disable=not master or args.quiet)
     order, order_epoch = None, -1
@@ -428,11 +429,11 @@ def train(args):
                 if world > 1:
                     dist.all_reduce(sums)
                 if not torch.isfinite(sums).all():  # before the optimizer step: the weights stay as they were
-                    raise diverged(step + 1, sums, args, saved["last"])
+                    raise diverged(step + 1, step == 0, sums, args, saved["last"])
                 scaler.unscale_(optimizer)
                 grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
                 if not scaler.is_enabled() and not torch.isfinite(grad_norm):  # fp16's scaler skips such steps
-                    raise diverged(step + 1, sums, args, saved["last"])
+                    raise diverged(step + 1, step == 0, sums, args, saved["last"])
                 scaler.step(optimizer)
                 scaler.update()
                 lr = scheduler.get_last_lr()[0]
@@ -446,8 +447,7 @@ def train(args):
                     row = {"step": step + 1, "loss": round(sums[0].item(), 5), "kd_loss": round(sums[1].item(), 5),
                            "ce_loss": round(sums[2].item(), 5), "lr": lr,
                            "examples_per_s": round(n_last / (now - t_last), 2)}
-                    log_file.write(json.dumps(row) + "\n")
-                    log_file.flush()
+                    log_file.write(row)
                     t_last, n_last = now, 0
                     bar.set_postfix(loss=f"{row['loss']:.3f}", kd=f"{row['kd_loss']:.3f}", ce=f"{row['ce_loss']:.3f}",
                                     lr=f"{lr:.2e}")
@@ -537,4 +537,4 @@ def evaluate_epoch(model, tokenizer, examples, fcfg, device, epoch, log, log_fil
     m = score_datasets({q: p.text for q, p in preds.items()}, by_dataset)
     log(f"epoch {epoch + 1}: EM {m['macro']['exact_match']:.2f} F1 {m['macro']['f1']:.2f} (macro over {len(by_dataset)} datasets)")
     if log_file:
-        log_file.write(json.dumps({"epoch": epoch + 1, "eval": m}) + "\n")
+        log_file.write({"epoch": epoch + 1, "eval": m})

@@ -147,6 +147,15 @@ def resolve_dir(name_or_path: str, model=True, tokenizer=True, flag=None) -> str
         head = f"{flag} {name_or_path}: unknown model" if flag else f"unknown model {name_or_path!r}"
         raise TinyQAError(f"{head}: not a local directory, not an alias "
                           f"({', '.join(ALIASES)}) and not a hub id like VMware/tinyroberta-mrqa")
+    try:
+        return _download_checkpoint(repo_id, model, tokenizer, flag)
+    except TinyQAError as e:
+        if name_or_path in ALIASES:
+            raise
+        raise TinyQAError(f"{e} (and there is no local directory {name_or_path})") from None
+
+
+def _download_checkpoint(repo_id, model, tokenizer, flag):
     path = None
     if model:
         path = _hub_download(repo_id, "config.json", flag=flag)
