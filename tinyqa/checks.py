@@ -155,4 +155,4 @@ def check_vocab(tokenizer, config, where="the model"):
     top = max(tokenizer.get_vocab(with_added_tokens=True).values())
     if top >= config.vocab_size:
         raise TinyQAError(f"the tokenizer's ids reach {top} but {where} has vocab_size {config.vocab_size}: "
-                          "they do not belong together; pass the model's own tokenizer (--tokenizer)")
+                          "it is not this model's tokenizer")

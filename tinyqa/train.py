@@ -41,7 +41,7 @@ from .mrqa import ReadReport, read_files, split_files
 from .runs import (RunLog, StopSignal, check_fresh_out, clear_run, load_training_state, prune_checkpoints, restart_log,
                    resume_args, rng_states, save_checkpoint, save_final, set_rng_states)
 from .tokenizer import load_tokenizer, tokenizer_fingerprint
-from .weights import load_config, load_model, resolve_dir
+from .weights import load_model, load_model_config, resolve_dir
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
@@ -251,7 +251,7 @@ def check_run(args, distill):
 def check_models(args, dirs, distill):
     """The trained model's config and tokenizer, checked against the windows and each other (and the teacher)."""
     if dirs["init"]:
-        cfg = load_config(dirs["init"])
+        cfg = load_model_config(dirs["init"])
     else:
         try:
             cfg = RobertaConfig.from_json(args.init_config)
@@ -261,7 +261,7 @@ def check_models(args, dirs, distill):
     check_window(cfg, args.max_seq_len, "the trained model")
     check_vocab(tokenizer, cfg, "the trained model")
     if distill:
-        t_cfg = load_config(dirs["teacher"])
+        t_cfg = load_model_config(dirs["teacher"])
         check_window(t_cfg, args.max_seq_len, f"the teacher {args.teacher}")
         check_vocab(tokenizer, t_cfg, f"the teacher {args.teacher}")
         if tokenizer_fingerprint(load_tokenizer(dirs["teacher"])) != tokenizer_fingerprint(tokenizer):

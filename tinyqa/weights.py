@@ -227,7 +227,7 @@ def load_state_dict_into(model: RobertaForQA, hf_state: dict, where: str = "chec
     return missing
 
 
-def load_config(directory: str) -> RobertaConfig:
+def load_model_config(directory: str) -> RobertaConfig:
     """The config.json of a local checkpoint directory, or one line naming the file and what is wrong."""
     cfg_path = os.path.join(directory, "config.json")
     if not os.path.exists(cfg_path):
@@ -242,7 +242,7 @@ def load_model(name_or_path: str, device="cpu", dtype=torch.float32, verbose=Tru
     """A RobertaForQA in eval mode from a local HF-layout directory, an alias or a hub id."""
     check_device(device, dtype)
     directory = resolve_dir(name_or_path, model=True, tokenizer=False)
-    model = RobertaForQA(load_config(directory))
+    model = RobertaForQA(load_model_config(directory))
     missing = load_state_dict_into(model, read_state_dict(directory), where=directory)
     if missing and verbose:
         print(f"notice: {name_or_path} has no QA head (qa_outputs); it was initialised fresh: train it before use")
