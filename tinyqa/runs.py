@@ -36,8 +36,7 @@ from .weights import save_pretrained
 RUNTIME_ARGS = {"resume", "out", "save_every", "stop_after", "device", "quiet", "teacher_cache", "eval_data",
                 "overwrite", "keep_checkpoints", "teacher_batch_size", "given"}
 # What a run writes into --out (and --overwrite removes): the final model's files, the log, checkpoints.
-RUN_FILES = ("log.jsonl", "args.json", "config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
-             "vocab.json", "merges.txt", "special_tokens_map.json")
+RUN_FILES = ("log.jsonl", "args.json", "config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json")
 
 
 def saved_args(args) -> dict:

@@ -283,7 +283,8 @@ def build_model(args, cfg, dirs, master):
                                                       "tokenizer": os.path.abspath(dirs["tokenizer"])}
 
 
-def teacher_logits(args, teacher_dir, features, tokenizer, fcfg, device, autocast, amp_dtype, master, world, log):
+def teacher_logits(args, train_files, teacher_dir, features, tokenizer, fcfg, device, autocast, amp_dtype, master,
+                   world, log):
     """The teacher-logit cache for these windows: reused when the key matches, else computed once (rank 0,
     under a lock, so a second run wanting the same cache waits for it)."""
     root = args.teacher_cache or teacher_cache.default_root()
@@ -291,8 +292,7 @@ def teacher_logits(args, teacher_dir, features, tokenizer, fcfg, device, autocas
         os.makedirs(root, exist_ok=True)
     except OSError as e:
         raise TinyQAError(f"--teacher-cache {root}: cannot create it ({e.strerror})")
-    files = args.train or split_files("train", progress=False)
-    key, info = teacher_cache.cache_key(root, files, teacher_dir, tokenizer_fingerprint(tokenizer), fcfg,
+    key, info = teacher_cache.cache_key(root, train_files, teacher_dir, tokenizer_fingerprint(tokenizer), fcfg,
                                         args.limit, args.skip_bad, amp_dtype)
     folder = os.path.join(root, key)
     if master and not teacher_cache.is_complete(folder):
@@ -364,8 +364,8 @@ def train(args):
             if args.teacher_on_the_fly:
                 teacher = load_model(dirs["teacher"], device=device, verbose=master)
             else:
-                cache = teacher_logits(args, dirs["teacher"], features, tokenizer, fcfg, device, autocast,
-                                       amp_dtype, master, world, log)
+                cache = teacher_logits(args, train_files, dirs["teacher"], features, tokenizer, fcfg, device,
+                                       autocast, amp_dtype, master, world, log)
 
     # --- optimizer and schedule
     steps_per_epoch = math.ceil(len(features) / args.batch_size)
