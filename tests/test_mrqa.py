@@ -85,8 +85,10 @@ def test_split_files_uses_verified_cache(tmp_path, monkeypatch):
     src = write_jsonl(tmp_path / "src.jsonl.gz", [row()])
     md5 = hashlib.md5(src.read_bytes()).hexdigest()
     monkeypatch.setattr("tinyqa.mrqa.SPLITS", {("dev", "Toy"): ("http://127.0.0.1:9/Toy.jsonl.gz", md5, 1)})
-    with pytest.raises(TinyQAError, match="127.0.0.1:9"):
+    with pytest.raises(TinyQAError, match="127.0.0.1:9.*--data FILE"):
         split_files("dev", progress=False)  # nothing cached yet, and the URL is unreachable
+    with pytest.raises(TinyQAError, match="--train FILE"):  # the advice names the caller's own flag
+        split_files("dev", progress=False, flag="--train")
     cached = tmp_path / "mrqa" / "dev" / "Toy.jsonl.gz"
     cached.parent.mkdir(parents=True, exist_ok=True)
     assert not any(cached.parent.iterdir())  # the failed download left no .part behind

@@ -326,7 +326,7 @@ def _md5(path) -> str:
     return h.hexdigest()
 
 
-def download(url: str, md5: str, dest: str, progress=True) -> str:
+def download(url: str, md5: str, dest: str, progress=True, flag="--data") -> str:
     """Fetch url to dest unless a verified copy is there; write to dest.PID.part and rename only once the
     MD5 matches, so an interrupted or corrupted download never leaves a file that looks complete."""
     if os.path.exists(dest) and _md5(dest) == md5:
@@ -347,7 +347,7 @@ def download(url: str, md5: str, dest: str, progress=True) -> str:
         if not isinstance(e, (OSError, ValueError)):
             raise
         raise TinyQAError(f"could not download {url} ({e}); if you are offline, download it elsewhere and "
-                          "pass it with --data FILE")
+                          f"pass it with {flag} FILE")
     got = _md5(part)
     if got != md5:
         os.remove(part)
@@ -356,8 +356,9 @@ def download(url: str, md5: str, dest: str, progress=True) -> str:
     return dest
 
 
-def split_files(split: str, datasets=None, progress=True) -> list:
-    """Local paths of an official split ('train', 'dev' = in-domain dev, 'test' = out-of-domain dev)."""
+def split_files(split: str, datasets=None, progress=True, flag="--data") -> list:
+    """Local paths of an official split ('train', 'dev' = in-domain dev, 'test' = out-of-domain dev); `flag`
+    is the option that takes local files instead (evaluate.py's --data, the training scripts' --train)."""
     if split not in ("train", "dev", "test"):
         raise TinyQAError(f"unknown split {split!r}: use train, dev (in-domain dev) or test (out-of-domain dev)")
     paths = []
@@ -368,11 +369,11 @@ def split_files(split: str, datasets=None, progress=True) -> list:
         if name in MANUAL:
             if not os.path.exists(dest):
                 raise TinyQAError(f"{name} is served from a registration page ({url}), not as a file: download "
-                                  f"its MRQA dev file there and put it at {dest}, or pass it with --data FILE")
+                                  f"its MRQA dev file there and put it at {dest}, or pass it with {flag} FILE")
             if _md5(dest) != md5:
                 raise TinyQAError(f"{dest}: MD5 {_md5(dest)} is not the release's {md5}: this is not the MRQA "
                                   f"{name} dev file (or it is damaged); download it again from {url}")
             paths.append(dest)
             continue
-        paths.append(download(url, md5, dest, progress))
+        paths.append(download(url, md5, dest, progress, flag))
     return paths

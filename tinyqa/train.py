@@ -351,7 +351,7 @@ def train(args):
     model.float().to(device).train()
 
     # --- data
-    train_files = args.train or split_files("train", progress=master and not args.quiet)
+    train_files = args.train or split_files("train", progress=master and not args.quiet, flag="--train")
     examples = read_training_examples(train_files, args.limit, args.skip_bad, log)
     fcfg = FeaturizerConfig(args.max_seq_len, args.doc_stride, args.max_query_length)
     features = featurize(examples, tokenizer, fcfg, with_labels=True, with_offsets=False)
