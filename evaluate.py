@@ -14,20 +14,24 @@ for a known checkpoint evaluated on a whole official split, the model card's num
 """
 import argparse
 import json
-import os
 import sys
 import time
 
 import torch
 
+from tinyqa.checks import (check_device, check_distinct_outputs, check_featurizer, check_input_files,
+                           check_output_file, nonneg_int, positive_int)
 from tinyqa.errors import TinyQAError, cli_errors
 from tinyqa.decode import decode, decode_nbest
+from tinyqa.features import pair_layout
+from tinyqa.files import atomic_write, write_json
 from tinyqa.infer import DecodeConfig, featurizer_config_of, forward_examples, predict
 from tinyqa.metrics import example_scores, score_datasets
-from tinyqa.mrqa import SPLITS, ReadReport, read_mrqa, split_files
-from tinyqa.weights import ALIASES, CARD_SCORES
+from tinyqa.mrqa import SPLITS, ReadReport, read_files, split_files
 from tinyqa.train import HelpFormatter
-from tinyqa.weights import card_table
+from tinyqa.weights import ALIASES, CARD_SCORES, card_table, resolve_dir
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def get_args(argv=None):
@@ -41,7 +45,7 @@ def get_args(argv=None):
     g.add_argument("--data", nargs="+", metavar="FILE", help="local MRQA .jsonl or .jsonl.gz files instead of --split")
     g.add_argument("--skip-bad", action="store_true",
                    help="skip malformed lines (counted and reported) instead of stopping at the first one")
-    g.add_argument("--limit", type=int, default=None, help="evaluate only the first N questions of each file")
+    g.add_argument("--limit", type=positive_int, default=None, help="evaluate only the first N questions of each file")
     g = p.add_argument_group("model")
     g.add_argument("--model", default="tinyroberta-mrqa",
                    help="alias (the table below), hub id or local checkpoint directory of a RoBERTa, BERT, ELECTRA "
@@ -52,15 +56,15 @@ def get_args(argv=None):
     g.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32", help="weights/compute dtype")
     g.add_argument("--quantize", choices=["int8"], default=None,
                    help="CPU only: dynamic int8 quantisation of the Linear layers (faster, slightly less accurate)")
-    g.add_argument("--batch-size", type=int, default=64, help="windows per forward pass (length-sorted)")
-    g.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice)")
+    g.add_argument("--batch-size", type=positive_int, default=64, help="windows per forward pass (length-sorted)")
+    g.add_argument("--threads", type=positive_int, default=None, help="torch intra-op threads (default: torch's choice)")
     g = p.add_argument_group("featurizer and decoder (model card defaults; a checkpoint trained by tinyqa "
                              "brings its own window settings in its args.json)")
-    g.add_argument("--max-seq-len", type=int, default=None, help="tokens per window, special tokens included (card: 384)")
-    g.add_argument("--doc-stride", type=int, default=None, help="overlap in tokens between consecutive windows (card: 128)")
-    g.add_argument("--max-query-length", type=int, default=None, help="question tokens kept, the rest is cut (card: 64)")
-    g.add_argument("--n-best", type=int, default=20, help="top start and end logits combined per window")
-    g.add_argument("--max-answer-len", type=int, default=30, help="longest answer in tokens")
+    g.add_argument("--max-seq-len", type=positive_int, default=None, help="tokens per window, special tokens included (card: 384)")
+    g.add_argument("--doc-stride", type=nonneg_int, default=None, help="overlap in tokens between consecutive windows (card: 128)")
+    g.add_argument("--max-query-length", type=positive_int, default=None, help="question tokens kept, the rest is cut (card: 64)")
+    g.add_argument("--n-best", type=positive_int, default=20, help="top start and end logits combined per window")
+    g.add_argument("--max-answer-len", type=positive_int, default=30, help="longest answer in tokens")
     g.add_argument("--allow-null", action="store_true", help="allow the empty answer (SQuAD 2.0-style models)")
     g = p.add_argument_group("output")
     g.add_argument("--output", metavar="FILE", help="write predictions as {qid: answer} JSON (the official format)")
@@ -78,24 +82,39 @@ def get_args(argv=None):
     return args
 
 
+def check_args(args):
+    """Everything that can be refused before a model is loaded or a question read: inputs readable,
+    outputs writable (and not overwriting an input), the device, the window settings."""
+    check_input_files(args.data, "--data")
+    check_input_files([args.predictions] if args.predictions else [], "--predictions")
+    outputs = {"--output": args.output, "--metrics": args.metrics, "--nbest": args.nbest,
+               "--per-question": args.per_question}
+    for flag, path in outputs.items():
+        check_output_file(path, flag)
+    check_distinct_outputs(outputs,
+                           inputs=(args.data or []) + ([args.predictions] if args.predictions else []))
+    if args.predictions:
+        return None
+    check_device(args.device, DTYPES[args.dtype], args.quantize)
+    args.model_name = args.model  # as given: an alias or hub id finds the card's scores
+    args.model = resolve_dir(args.model, flag="--model")  # a local folder now (downloaded if a hub id)
+    fcfg = featurizer_config_of(args.model, max_seq_len=args.max_seq_len, doc_stride=args.doc_stride,
+                                max_query_length=args.max_query_length)
+    check_featurizer(fcfg.max_seq_len, fcfg.doc_stride, fcfg.max_query_length)
+    return fcfg
+
+
 def load_examples(args):
     """{dataset name: [Example]} in file order; names come from each file's header, else its name."""
     files = args.data or split_files(args.split or "dev", progress=not args.quiet)
-    by_dataset, report = {}, ReadReport()
-    for path in files:
-        examples = []
-        for ex in read_mrqa(path, skip_bad=args.skip_bad, report=report):
-            if args.limit is not None and len(examples) >= args.limit:
-                break
-            examples.append(ex)
-        name, k = examples[0].dataset if examples else os.path.basename(path), 2
-        while name in by_dataset:  # two files naming the same dataset stay apart
-            name, k = f"{examples[0].dataset}#{k}", k + 1
-        by_dataset[name] = examples
-    if report.skipped:
-        print(f"skipped {len(report.skipped)} malformed line(s):", file=sys.stderr)
-        for s in report.skipped:
-            print(f"  {s}", file=sys.stderr)
+    report = ReadReport()
+    by_dataset = {}
+    for path, name, examples in read_files(files, args.limit, args.skip_bad, report, flag="--data"):
+        unique, k = name, 2
+        while unique in by_dataset:  # two files naming the same dataset stay apart
+            unique, k = f"{name}#{k}", k + 1
+        by_dataset[unique] = examples
+    report.print(lambda line: print(line, file=sys.stderr))
     return by_dataset
 
 
@@ -103,11 +122,22 @@ def read_predictions(path):
     try:
         with open(path, encoding="utf-8") as f:
             preds = json.load(f)
-    except (OSError, json.JSONDecodeError) as e:
-        raise TinyQAError(f"{path}: cannot read predictions JSON ({e})")
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise TinyQAError(f"--predictions {path}: cannot read predictions JSON ({e})")
     if not isinstance(preds, dict) or not all(isinstance(v, str) for v in preds.values()):
-        raise TinyQAError(f"{path}: predictions must be a JSON object {{qid: answer string}}")
+        raise TinyQAError(f"--predictions {path}: must be a JSON object {{qid: answer string}}")
     return preds
+
+
+def report_coverage(answers, examples, path):
+    """Questions without a prediction score 0, as in the official script: say so loudly, naming a few."""
+    missing = [ex.qid for ex in examples if ex.qid not in answers]
+    if missing:
+        print(f"warning: {len(missing)} of {len(examples)} questions have no prediction in {path} and score 0: "
+              f"{', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}", file=sys.stderr)
+    unknown = len(set(answers) - {ex.qid for ex in examples})
+    if unknown:
+        print(f"note: {unknown} predicted qids are not in the data and were ignored", file=sys.stderr)
 
 
 def print_table(metrics):
@@ -123,23 +153,23 @@ def print_table(metrics):
 
 def main(argv=None):
     args = get_args(argv)
+    fcfg = check_args(args)
     if args.threads:
         torch.set_num_threads(args.threads)
-    check_output_paths(args.nbest, args.per_question)
+    qa = None
+    if not args.predictions:  # the model first: a wrong --model fails before any data is downloaded or read
+        from tinyqa.infer import QuestionAnswerer
+        qa = QuestionAnswerer.from_pretrained(args.model, device=args.device, dtype=DTYPES[args.dtype],
+                                              quantize=args.quantize)
+        # the exact room for context, now that the tokenizer says how many special tokens a window has
+        check_featurizer(fcfg.max_seq_len, fcfg.doc_stride, fcfg.max_query_length, pair_layout(qa.tokenizer).n_special)
     by_dataset = load_examples(args)
     squad2 = unanswerable_questions(by_dataset, args.allow_null)
     all_examples = [ex for exs in by_dataset.values() for ex in exs]
     if args.predictions:
         answers = read_predictions(args.predictions)
-        unknown = len(set(answers) - {ex.qid for ex in all_examples})
-        if unknown:
-            print(f"note: {unknown} predicted qids are not in the data and were ignored", file=sys.stderr)
+        report_coverage(answers, all_examples, args.predictions)
     else:
-        from tinyqa.infer import QuestionAnswerer
-        dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
-        fcfg = featurizer_config_of(args.model, max_seq_len=args.max_seq_len, doc_stride=args.doc_stride,
-                                    max_query_length=args.max_query_length)
-        qa = QuestionAnswerer.from_pretrained(args.model, device=args.device, dtype=dtype, quantize=args.quantize)
         dcfg = DecodeConfig(args.n_best, args.max_answer_len, args.allow_null)
         t0 = time.perf_counter()
         if args.nbest:
@@ -151,16 +181,14 @@ def main(argv=None):
         answers = {qid: p.text for qid, p in preds.items()}
         print(f"{len(all_examples)} questions in {elapsed:.1f}s ({len(all_examples) / elapsed:.1f} questions/s)")
     if args.output:
-        with open(args.output, "w", encoding="utf-8") as f:
-            json.dump(answers, f, ensure_ascii=False, indent=0)
+        write_json(args.output, answers, ensure_ascii=False, indent=0)
     metrics = score_datasets(answers, by_dataset, squad2)
     if not args.predictions:
-        add_card_scores(metrics, args.model)
+        add_card_scores(metrics, args.model_name)
     if args.per_question:
         write_per_question(args.per_question, answers, by_dataset, squad2)
     if args.metrics:
-        with open(args.metrics, "w") as f:
-            json.dump(metrics, f, indent=2)
+        write_json(args.metrics, metrics, indent=2)
     print_table(metrics)
     return metrics
 
@@ -189,19 +217,18 @@ def predict_and_write_nbest(qa, examples, fcfg, dcfg, args):
     features, starts, ends = forward_examples(qa.model, qa.tokenizer, examples, fcfg, args.batch_size, args.device,
                                               progress=not args.quiet)
     nbest = decode_nbest(examples, features, starts, ends, dcfg.n_best, dcfg.max_answer_len, dcfg.allow_null)
-    write_atomic(args.nbest, lambda f: json.dump(nbest, f, ensure_ascii=False, indent=1))
+    write_json(args.nbest, nbest, ensure_ascii=False, indent=1)
     return decode(examples, features, starts, ends, dcfg.n_best, dcfg.max_answer_len, dcfg.allow_null)
 
 
 def write_per_question(path, answers, by_dataset, squad2):
-    def write(f):
+    with atomic_write(path) as f:
         for name, exs in by_dataset.items():
             for ex in exs:
                 pred = answers.get(ex.qid)
                 em, f1 = example_scores(pred, ex.answers, name in squad2) if pred is not None else (0.0, 0.0)
                 f.write(json.dumps({"qid": ex.qid, "dataset": name, "question": ex.question, "answers": ex.answers,
                                     "prediction": pred, "exact_match": em, "f1": f1}, ensure_ascii=False) + "\n")
-    write_atomic(path, write)
 
 
 def add_card_scores(metrics, model):
@@ -215,28 +242,6 @@ def add_card_scores(metrics, model):
         if totals == sorted(n for (s, _), (_, _, n) in SPLITS.items() if s == split):
             em, f1 = CARD_SCORES[hub_id][split]
             metrics["card"] = {"hub_id": hub_id, "split": split, "exact_match": em, "f1": f1}
-
-
-def check_output_paths(*paths):
-    for path in paths:
-        if path is None:
-            continue
-        parent = os.path.dirname(os.path.abspath(path))
-        if os.path.isdir(path) or not os.path.isdir(parent):
-            raise TinyQAError(f"{path}: cannot write there ({'a directory' if os.path.isdir(path) else 'no folder ' + parent})")
-
-
-def write_atomic(path, write):
-    """write(f) to a temporary file beside path, then rename: a failure never leaves half a file."""
-    tmp = f"{path}.tmp-{os.getpid()}"
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            write(f)
-        os.replace(tmp, path)
-    except OSError as e:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise TinyQAError(f"{path}: cannot write it ({e.strerror})")
 
 
 if __name__ == "__main__":

@@ -13,7 +13,12 @@ The defaults are the deepset/tinyroberta model card's hyperparameters (DISTILL_C
 from tinyqa.errors import cli_errors
 from tinyqa.train import build_parser, train
 
-if __name__ == "__main__":
-    args = build_parser(distill=True, description=__doc__).parse_args()
+
+def main(argv=None):
+    args = build_parser(distill=True, description=__doc__).parse_args(argv)
     with cli_errors():
         train(args)
+
+
+if __name__ == "__main__":
+    main()

@@ -9,7 +9,12 @@ fine-tuning stage (lr 1e-5, 3 epochs, batch 16, weight decay 0.01; FINETUNE_CARD
 from tinyqa.errors import cli_errors
 from tinyqa.train import build_parser, train
 
-if __name__ == "__main__":
-    args = build_parser(distill=False, description=__doc__).parse_args()
+
+def main(argv=None):
+    args = build_parser(distill=False, description=__doc__).parse_args(argv)
     with cli_errors():
         train(args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,4 +1,10 @@
-"""Shared test helpers: where ../shared/data is, SQuAD dev pairs, and one assert_close that reports."""
+"""Shared test helpers: where ../shared/data is, generated text and tokenizer, SQuAD dev pairs, assert_close.
+
+Every test that needs text and a tokenizer runs on generated ones (a synthetic MRQA dev file and a byte-level
+BPE trained on it with RoBERTa's special tokens), so a fresh clone runs all of them; where ../shared/data is
+there, the same tests run again on the real RoBERTa tokenizer and SQuAD dev (the `source` parameter:
+"generated", "shared"). Only what is about the real data itself (e.g. SQuAD's 10,570 questions) is shared-only.
+"""
 import gzip
 import json
 import os
@@ -27,6 +33,59 @@ def shared():
     return d
 
 
+# Text that synthetic MRQA lacks: odd whitespace, typographic punctuation, several scripts, emoji, and
+# special-token strings written in plain text.
+EDGE_PAIRS = [
+    ("  Who   wrote\tit?", "It was written  by Ada Lovelace in 1843.\nShe was a mathematician.  "),
+    ("Wo liegt Köln?", "Çà et là: naïve façade, «Zitat» … Köln liegt am Rhein; 東京 and Москва too."),
+    ("What is 🎉?", "The party 🎉🎉 was hosted by José 😀 Núñez in Zürich at 7:30pm (UTC+1)."),
+    # (not <mask>: transformers 5 builds it from bare vocab.json + merges.txt without the lstrip that the
+    # published tokenizer.json and transformers 4 give it, so there the two transformers disagree)
+    ("What about <s>?", "Literal <s> and </s> appear in this text, as does <pad>."),
+]
+
+
+@pytest.fixture(scope="session")
+def generated(tmp_path_factory):
+    """A synthetic MRQA dev file (a fifth of its contexts long enough for several 384-token windows), its
+    (question, context) pairs plus EDGE_PAIRS, and a byte-level BPE trained on them, written as RoBERTa's
+    vocab.json + merges.txt."""
+    from tinyqa.synthetic import make_dataset, train_tokenizer, write_mrqa
+    d = tmp_path_factory.mktemp("generated")
+    rows = make_dataset(100, seed=11, long_fraction=0.2, long_people=(12, 16), split="dev")
+    write_mrqa(d / "dev.jsonl.gz", rows, dataset="Synthetic", split="dev")
+    pairs = [(q["question"], r["context"]) for r in rows for q in r["qas"]] + EDGE_PAIRS
+    tok = train_tokenizer([c for _, c in pairs] + [q for q, _ in pairs], vocab_size=2000)
+    (d / "tokenizer").mkdir()
+    tok.model.save(str(d / "tokenizer"))  # vocab.json + merges.txt
+    return {"tokenizer": d / "tokenizer", "pairs": pairs, "dev": d / "dev.jsonl.gz"}
+
+
+@pytest.fixture(scope="session", params=["generated", "shared"])
+def source(request):
+    if request.param == "shared" and shared_data_dir() is None:
+        pytest.skip("real-text coverage: shared data not found (set TINYQA_SHARED to the folder holding data/)")
+    return request.param
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir(source, generated):
+    """A RoBERTa-style byte-level BPE folder: the generated one, or the real RoBERTa tokenizer."""
+    return generated["tokenizer"] if source == "generated" else shared_data_dir() / "roberta-tokenizer"
+
+
+@pytest.fixture(scope="session")
+def text_pairs(source, generated, request):
+    """(question, context) pairs: the generated ones, or every SQuAD dev question."""
+    return generated["pairs"] if source == "generated" else request.getfixturevalue("squad_pairs")
+
+
+@pytest.fixture(scope="session")
+def mrqa_path(source, generated):
+    """An MRQA dev file: the synthetic one, or SQuAD dev."""
+    return generated["dev"] if source == "generated" else shared_data_dir() / "mrqa" / "SQuAD-dev-v1.1.jsonl.gz"
+
+
 @pytest.fixture(scope="session")
 def squad_path(shared):
     return shared / "mrqa" / "SQuAD-dev-v1.1.jsonl.gz"
@@ -43,11 +102,6 @@ def squad_pairs(squad_path):
                 continue
             pairs += [(qa["question"], row["context"]) for qa in row["qas"]]
     return pairs
-
-
-@pytest.fixture(scope="session")
-def tokenizer_dir(shared):
-    return shared / "roberta-tokenizer"
 
 
 def assert_close(actual, expected, atol, what=""):

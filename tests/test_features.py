@@ -1,4 +1,5 @@
-"""Sliding windows and labels on the whole SQuAD dev set, against transformers' tokenizer windows."""
+"""Sliding windows and labels on a whole dev set, against transformers' tokenizer windows: the generated one
+(see conftest.py) and, where ../shared/data is there, SQuAD dev with the real RoBERTa tokenizer."""
 import numpy as np
 import pytest
 
@@ -8,8 +9,8 @@ from tinyqa.mrqa import read_mrqa
 
 
 @pytest.fixture(scope="module")
-def squad(squad_path, tokenizer_dir):
-    exs = list(read_mrqa(squad_path))
+def squad(mrqa_path, tokenizer_dir):
+    exs = list(read_mrqa(mrqa_path))
     tok = load_tokenizer(str(tokenizer_dir))
     return exs, tok, featurize(exs, tok)
 
@@ -23,7 +24,7 @@ def test_windows_worked_example():
 def test_labels_reproduce_the_answer(squad):
     exs, _, feats = squad
     labelled = [f for f in feats if f.start_label != 0]
-    assert len(labelled) > 10000
+    assert len(labelled) > 0.94 * len(exs)  # nearly every answer lies wholly inside some window
     exact = 0
     for f in labelled:
         ex = exs[f.example_index]
@@ -61,10 +62,11 @@ def test_windows_cover_every_context_character(squad):
 def test_same_windows_as_transformers_tokenizer(squad, tokenizer_dir):
     transformers = pytest.importorskip("transformers")
     exs, tok, feats = squad
-    hf = transformers.RobertaTokenizerFast.from_pretrained(str(tokenizer_dir))
+    hf = transformers.RobertaTokenizerFast.from_pretrained(str(tokenizer_dir))  # from vocab.json + merges.txt
+    assert len({f.example_index for f in feats if len(f.input_ids) == 384}) > 10  # several windows per context
     # tinyqa also cuts questions to max_query_length (64) tokens, which run_qa does not: compare on the rest.
     keep = [i for i, ex in enumerate(exs) if len(tok.encode(ex.question.lstrip(), add_special_tokens=False).ids) <= 64]
-    assert len(keep) > 10500
+    assert len(keep) > 0.99 * len(exs)
     enc = hf([exs[i].question.lstrip() for i in keep], [exs[i].context for i in keep], truncation="only_second",
              max_length=384, stride=128, return_overflowing_tokens=True)
     ours = [list(f.input_ids) for f in feats if f.example_index in set(keep)]
@@ -77,8 +79,9 @@ def test_question_truncated_to_max_query_length(tokenizer_dir):
     tok = load_tokenizer(str(tokenizer_dir))
     q = "   " + " ".join(["why"] * 100) + "?"
     (f,) = featurize([Example("x", q, "Because.", ["Because"], (0, 7))], tok, FeaturizerConfig(max_query_length=10))
-    assert list(f.input_ids[:12]) == [0] + tok.encode("why" + " why" * 9, add_special_tokens=False).ids + [2]
-    assert f.input_ids[12] == 2 and (f.start_label, f.end_label) == (13, 13)
+    q_ids = tok.encode(q.lstrip(), add_special_tokens=False).ids[:10]  # leading spaces dropped, then cut to 10
+    assert list(f.input_ids[:13]) == [0] + q_ids + [2, 2]
+    assert f.start_label == 13 and f.offsets[f.start_label][0] == 0 and f.offsets[f.end_label][1] == 7
 
 
 def test_collate_pads_to_longest(squad):

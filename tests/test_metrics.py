@@ -87,8 +87,8 @@ def test_predictions_file_with_first_gold_answers(tmp_path, squad_path):
     assert "SQuAD" in r.stdout and "macro average" in r.stdout
 
 
-def test_bad_predictions_file_is_one_line(tmp_path, squad_path):
+def test_bad_predictions_file_is_one_line(tmp_path, generated):
     (tmp_path / "p.json").write_text('{"a": 1}')
     r = subprocess.run([sys.executable, str(ROOT / "evaluate.py"), "--predictions", str(tmp_path / "p.json"),
-                        "--data", str(squad_path)], capture_output=True, text=True, cwd=ROOT)
+                        "--data", str(generated["dev"])], capture_output=True, text=True, cwd=ROOT)
     assert r.returncode == 2 and r.stderr.strip().count("\n") == 0 and "p.json" in r.stderr, r.stderr

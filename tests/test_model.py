@@ -1,4 +1,7 @@
-"""The hand-written RoBERTa QA model against transformers' RobertaForQuestionAnswering (the oracle)."""
+"""The hand-written RoBERTa QA model against transformers' RobertaForQuestionAnswering (the oracle).
+
+Every parity test runs on generated text with a generated tokenizer (see conftest.py), and again on SQuAD
+dev with the real RoBERTa tokenizer where ../shared/data is there; the configs are written out here."""
 import json
 import os
 
@@ -13,6 +16,10 @@ transformers = pytest.importorskip("transformers")
 
 SMALL = dict(vocab_size=50265, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
              max_position_embeddings=514, type_vocab_size=1, pad_token_id=1, layer_norm_eps=1e-5)
+# The published configs' shapes (deepset/tinyroberta-squad2 and roberta-large's config.json).
+TINYROBERTA = dict(SMALL, hidden_size=768, num_hidden_layers=6, num_attention_heads=12, intermediate_size=3072,
+                   bos_token_id=0, eos_token_id=2)
+ROBERTA_LARGE = dict(TINYROBERTA, hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096)
 
 
 def hf_model(config_dict, seed=0):
@@ -28,11 +35,12 @@ def hf_model(config_dict, seed=0):
     return model
 
 
-def padded_batch(tokenizer_dir, squad_pairs, lengths):
-    """Real SQuAD question/context pairs, truncated to the given lengths and right-padded with <pad>."""
+def padded_batch(tokenizer_dir, text_pairs, lengths):
+    """The longest question/context pairs, truncated to the given lengths and right-padded with <pad>."""
     tok = load_tokenizer(str(tokenizer_dir))
     rows = []
-    for (q, c), n in zip(squad_pairs[::997], lengths):
+    longest = sorted(text_pairs, key=lambda p: (-len(p[1]), p[0]))
+    for (q, c), n in zip(longest[::7], lengths):
         ids = tok.encode(q, c).ids
         rows.append(ids[: n - 1] + [2])  # keep the closing </s>
     L = max(len(r) for r in rows)
@@ -56,39 +64,40 @@ def check_parity(hf, ours, ids, mask, atol=1e-4):
         assert_close(x, y, atol, f"hidden state {i}")
 
 
-def test_parity_small_config(tmp_path, tokenizer_dir, squad_pairs):
+def test_parity_small_config(tmp_path, tokenizer_dir, text_pairs):
     hf = hf_model(SMALL)
     hf.save_pretrained(tmp_path)
     ours = load_model(str(tmp_path))
-    ids, mask = padded_batch(tokenizer_dir, squad_pairs, [384, 260, 131, 40, 17])
+    ids, mask = padded_batch(tokenizer_dir, text_pairs, [384, 260, 131, 40, 17])
     check_parity(hf, ours, ids, mask)
 
 
-def test_parity_tinyroberta_config(tmp_path, shared, tokenizer_dir, squad_pairs):
-    hf = hf_model(json.loads((shared / "configs" / "tinyroberta.json").read_text()))
+def test_parity_tinyroberta_config(tmp_path, tokenizer_dir, text_pairs):
+    hf = hf_model(TINYROBERTA)
     hf.save_pretrained(tmp_path)
     ours = load_model(str(tmp_path))
-    ids, mask = padded_batch(tokenizer_dir, squad_pairs, [384, 222, 95, 31])
+    ids, mask = padded_batch(tokenizer_dir, text_pairs, [384, 222, 95, 31])
     check_parity(hf, ours, ids, mask)
 
 
 @pytest.mark.slow
-def test_parity_roberta_large_config(tmp_path, shared, tokenizer_dir, squad_pairs):
-    hf = hf_model(json.loads((shared / "configs" / "roberta-large.json").read_text()))
+def test_parity_roberta_large_config(tmp_path, generated):
+    """The full size once, on generated text (the small configs cover the real tokenizer's ids)."""
+    hf = hf_model(ROBERTA_LARGE)
     hf.save_pretrained(tmp_path)
     ours = load_model(str(tmp_path))
-    ids, mask = padded_batch(tokenizer_dir, squad_pairs, [300, 120])
+    ids, mask = padded_batch(generated["tokenizer"], generated["pairs"], [300, 120])
     check_parity(hf, ours, ids, mask)
 
 
-def test_round_trip_through_transformers(tmp_path, tokenizer_dir, squad_pairs):
+def test_round_trip_through_transformers(tmp_path, tokenizer_dir, text_pairs):
     torch.manual_seed(1)
     ours = tinyqa.RobertaForQA(RobertaConfig(**SMALL)).eval()
     save_pretrained(ours, tmp_path, tokenizer=load_tokenizer(str(tokenizer_dir)))
     hf, info = transformers.AutoModelForQuestionAnswering.from_pretrained(tmp_path, output_loading_info=True)
     assert type(hf).__name__ == "RobertaForQuestionAnswering"
     assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"], info
-    ids, mask = padded_batch(tokenizer_dir, squad_pairs, [200, 64])
+    ids, mask = padded_batch(tokenizer_dir, text_pairs, [200, 64])
     check_parity(hf.eval(), ours, ids, mask, atol=1e-5)
     # and tinyqa reads back what it wrote, bit for bit
     again = load_model(str(tmp_path))
@@ -99,24 +108,24 @@ def test_round_trip_through_transformers(tmp_path, tokenizer_dir, squad_pairs):
     assert hf_tok("Who?", "Me.")["input_ids"] == load_tokenizer(str(tmp_path)).encode("Who?", "Me.").ids
 
 
-def test_pytorch_model_bin_and_bare_encoder_keys(tmp_path, tokenizer_dir, squad_pairs):
+def test_pytorch_model_bin_and_bare_encoder_keys(tmp_path, tokenizer_dir, text_pairs):
     """pytorch_model.bin is read (weights_only) and keys without the 'roberta.' prefix are accepted."""
     hf = hf_model(SMALL, seed=3)
     state = {k.removeprefix("roberta."): v for k, v in hf.state_dict().items()}
     torch.save(state, tmp_path / "pytorch_model.bin")
     (tmp_path / "config.json").write_text(hf.config.to_json_string())
     ours = load_model(str(tmp_path))
-    ids, mask = padded_batch(tokenizer_dir, squad_pairs, [100, 50])
+    ids, mask = padded_batch(tokenizer_dir, text_pairs, [100, 50])
     check_parity(hf, ours, ids, mask)
 
 
-def test_base_lm_checkpoint_gets_fresh_head(tmp_path, capsys, tokenizer_dir, squad_pairs):
+def test_base_lm_checkpoint_gets_fresh_head(tmp_path, capsys, tokenizer_dir, text_pairs):
     torch.manual_seed(4)
     lm = transformers.RobertaForMaskedLM(transformers.RobertaConfig(**SMALL)).eval()
     lm.save_pretrained(tmp_path)
     ours = load_model(str(tmp_path))
     assert "no QA head" in capsys.readouterr().err  # a notice: stderr, so JSON on stdout stays clean
-    ids, mask = padded_batch(tokenizer_dir, squad_pairs, [80, 30])
+    ids, mask = padded_batch(tokenizer_dir, text_pairs, [80, 30])
     with torch.no_grad():
         a = lm(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states
         b = ours(ids, mask, output_hidden_states=True).hidden_states
@@ -179,18 +188,23 @@ def test_hub_id_offline_says_what_to_do(tmp_path):
     assert "VMware/tinyroberta-mrqa" in last and "local directory" in last, r.stderr
 
 
-def test_tokenizer_matches_roberta_fast_on_squad_dev(tokenizer_dir, squad_pairs, tmp_path):
-    """ids and offsets of every SQuAD dev question/context pair, from tokenizer.json and from vocab+merges."""
-    hf_tok = transformers.RobertaTokenizerFast.from_pretrained(str(tokenizer_dir))
-    expected = hf_tok([q for q, _ in squad_pairs], [c for _, c in squad_pairs], return_offsets_mapping=True)
+def test_tokenizer_matches_roberta_fast(tokenizer_dir, text_pairs, tmp_path):
+    """ids and offsets of every pair, from tokenizer.json and from vocab.json + merges.txt alone, equal those of
+    transformers' RobertaTokenizerFast (which builds RoBERTa's pipeline itself from the two files)."""
     only_vm = tmp_path / "vm"
     only_vm.mkdir()
     for name in ("vocab.json", "merges.txt"):
         (only_vm / name).write_bytes((tokenizer_dir / name).read_bytes())
-    for source in (str(tokenizer_dir), str(only_vm)):
+    with_json = tokenizer_dir
+    if not (tokenizer_dir / "tokenizer.json").exists():  # generated: let transformers write the tokenizer.json
+        transformers.RobertaTokenizerFast.from_pretrained(str(only_vm)).save_pretrained(str(tmp_path / "tj"))
+        with_json = tmp_path / "tj"
+    hf_tok = transformers.RobertaTokenizerFast.from_pretrained(str(with_json))
+    expected = hf_tok([q for q, _ in text_pairs], [c for _, c in text_pairs], return_offsets_mapping=True)
+    for source in (str(with_json), str(only_vm)):
         tok = load_tokenizer(source)
-        got = tok.encode_batch(squad_pairs)
-        assert len(got) == len(expected["input_ids"]) == 10570
+        got = tok.encode_batch(text_pairs)
+        assert len(got) == len(expected["input_ids"]) == len(text_pairs)
         bad = [i for i, e in enumerate(got) if e.ids != expected["input_ids"][i]
                or [tuple(o) for o in e.offsets] != [tuple(o) for o in expected["offset_mapping"][i]]]
         assert not bad, f"{source}: {len(bad)} pairs differ, first {bad[:5]}"
@@ -198,19 +212,19 @@ def test_tokenizer_matches_roberta_fast_on_squad_dev(tokenizer_dir, squad_pairs,
 
 @pytest.mark.skipif(not os.environ.get("TINYQA_CHECKPOINT"),
                     reason="set TINYQA_CHECKPOINT to a local directory of a published checkpoint")
-def test_real_checkpoint_parity(tokenizer_dir, squad_pairs):
+def test_real_checkpoint_parity(tokenizer_dir, text_pairs):
     path = os.environ["TINYQA_CHECKPOINT"]
     hf = transformers.AutoModelForQuestionAnswering.from_pretrained(path).eval()
     ours = load_model(path)
-    ids, mask = padded_batch(tokenizer_dir, squad_pairs, [384, 200, 64])
+    ids, mask = padded_batch(tokenizer_dir, text_pairs, [384, 200, 64])
     check_parity(hf, ours, ids, mask)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
-def test_cuda_parity_fp32_and_half(tmp_path, shared, tokenizer_dir, squad_pairs):
-    hf = hf_model(json.loads((shared / "configs" / "tinyroberta.json").read_text()))
+def test_cuda_parity_fp32_and_half(tmp_path, tokenizer_dir, text_pairs):
+    hf = hf_model(TINYROBERTA)
     hf.save_pretrained(tmp_path)
-    ids, mask = padded_batch(tokenizer_dir, squad_pairs, [384, 222, 95, 31])
+    ids, mask = padded_batch(tokenizer_dir, text_pairs, [384, 222, 95, 31])
     with torch.no_grad():
         ref = hf(input_ids=ids, attention_mask=mask)
     ids, mask = ids.cuda(), mask.cuda()

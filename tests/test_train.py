@@ -1,13 +1,16 @@
 """Distillation loss, LinearWarmup, and the training loop: learning, exact resume, DDP, the teacher cache."""
+import errno
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 
 import pytest
 import torch
 from conftest import ROOT
+from safetensors.torch import load_file, save_file
 
 from tinyqa import TinyQAError, load_model
 from tinyqa.features import FeaturizerConfig
@@ -177,36 +180,126 @@ def test_distillation_learns(synth, teacher):
 
 
 def test_resume_gives_the_same_weights(synth, tmp_path):
-    """Kill after 3 of 8 steps (dropout on, so RNG state matters), resume, compare with an unbroken run."""
-    extra = ["--init-config", synth["dropout_cfg"], "--epochs", "1", "--batch-size", "64", "--lr", "1e-3", "--limit", "150"]
+    """Kill after 5 of 8 steps (dropout on, so RNG state matters), resume from the checkpoint of step 4 (so the
+    killed run logged a step past it), compare with an unbroken run."""
+    extra = ["--init-config", synth["dropout_cfg"], "--epochs", "2", "--batch-size", "64", "--lr", "1e-3", "--limit", "150"]
     full = train(finetune_args(synth, tmp_path / "full", *extra))
-    train(finetune_args(synth, tmp_path / "broken", *extra, "--stop-after", "3"))
-    assert (tmp_path / "broken" / "checkpoint-3" / "training_state.pt").exists()
-    resumed = train(finetune_args(synth, tmp_path / "broken", "--resume", str(tmp_path / "broken" / "checkpoint-3")))
+    broken = tmp_path / "broken"
+    train(finetune_args(synth, broken, *extra, "--stop-after", "5", "--save-every", "2", "--keep-checkpoints", "2"))
+    assert sorted(p.name for p in broken.glob("checkpoint-*")) == ["checkpoint-4", "checkpoint-5"]  # 2 pruned
+    state = torch.load(broken / "checkpoint-4" / "training_state.pt", weights_only=True)  # plain data, no code
+    assert state["step"] == 4
+    # resumed without --out: it continues in the checkpoint's own run folder
+    resumed = train(build_parser(False, FINETUNE, "").parse_args(["--resume", str(broken / "checkpoint-4"), "--quiet"]))
     for (k, a), b in zip(full.state_dict().items(), resumed.state_dict().values()):
         assert torch.equal(a, b), k
+    steps = [json.loads(line)["step"] for line in (broken / "log.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, 9))  # step 5 of the killed run is not logged twice
+    init = json.loads((broken / "args.json").read_text())["init"]  # what really initialised the model
+    assert init["weights"] == "random, seed 42" and init["config"] == synth["dropout_cfg"]
     other_seed = train(finetune_args(synth, tmp_path / "seed", *extra, "--seed", "7"))
     assert not torch.equal(other_seed.qa_outputs.weight, full.qa_outputs.weight)
 
 
+def test_sigterm_saves_a_checkpoint_and_resume_finishes_the_same_run(synth, tmp_path):
+    """SIGTERM mid-run: the step in flight finishes, a checkpoint is saved, the exit is 130 without a traceback,
+    and resuming from it ends with the weights of an unbroken run (all three runs as commands, same threads)."""
+    import signal
+    import time
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    extra = ["--init-config", synth["dropout_cfg"], "--epochs", "6", "--batch-size", "8", "--lr", "1e-3", "--limit", "40"]
+    script = [sys.executable, str(ROOT / "train_finetune.py")]
+    r = subprocess.run([*script, *common(synth, tmp_path / "full", *extra)], env=env, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    killed = tmp_path / "killed"
+    p = subprocess.Popen([*script, *common(synth, killed, *extra)], env=env, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and p.poll() is None:
+        if (killed / "log.jsonl").exists() and len((killed / "log.jsonl").read_text().splitlines()) >= 2:
+            break
+        time.sleep(0.02)
+    p.send_signal(signal.SIGTERM)
+    _, err = p.communicate(timeout=300)
+    assert p.returncode == 130 and "Traceback" not in err, err
+    (checkpoint,) = killed.glob("checkpoint-*")
+    step = int(checkpoint.name.split("-")[1])
+    assert f"SIGTERM: saved {checkpoint} after step {step}" in err, err
+    assert len((killed / "log.jsonl").read_text().splitlines()) == step  # nothing after the checkpoint was lost
+    assert not (killed / "model.safetensors").exists()  # no final model from an interrupted run
+    r = subprocess.run([*script, "--resume", str(checkpoint), "--quiet"], env=env, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    a, b = load_model(str(tmp_path / "full")), load_model(str(killed))
+    for (k, x), y in zip(a.state_dict().items(), b.state_dict().values()):
+        assert torch.equal(x, y), k
+
+
 def test_teacher_cache_reused_and_invalidated(synth, teacher, tmp_path, monkeypatch):
-    import tinyqa.train as T
+    import tinyqa.teacher_cache as T
     calls = []
-    real = T.compute_teacher_cache
-    monkeypatch.setattr(T, "compute_teacher_cache", lambda *a, **k: (calls.append(1), real(*a, **k)))
-    extra = ["--init-config", synth["student_cfg"], "--epochs", "1", "--batch-size", "64", "--limit", "60",
+    real = T.compute
+    monkeypatch.setattr(T, "compute", lambda *a, **k: (calls.append(1), real(*a, **k)))
+    extra = ["--init-config", synth["dropout_cfg"], "--epochs", "1", "--batch-size", "64", "--limit", "60",
              "--teacher-cache", str(tmp_path / "cache")]
-    train(distill_args(synth, tmp_path / "a", teacher, *extra))
+    first = train(distill_args(synth, tmp_path / "a", teacher, *extra))
     assert len(calls) == 1
-    train(distill_args(synth, tmp_path / "b", teacher, *extra))
+    second = train(distill_args(synth, tmp_path / "b", teacher, *extra))
     assert len(calls) == 1  # second run: no teacher pass
+    # ...and whether the cache existed changes nothing (same seed, dropout on: the RNG stream is the same)
+    for (k, x), y in zip(first.state_dict().items(), second.state_dict().values()):
+        assert torch.equal(x, y), k
     train(distill_args(synth, tmp_path / "c", teacher, *extra, "--doc-stride", "48"))
     assert len(calls) == 2  # a featurizer setting changed: recomputed
+    # the key is the teacher's content: a copy elsewhere reuses the cache; other weights of the same size and
+    # mtime (what a size + mtime key could not tell apart) are recomputed
+    copy = tmp_path / "teacher-copy"
+    shutil.copytree(teacher, copy)
+    train(distill_args(synth, tmp_path / "e", copy, *extra))
+    assert len(calls) == 2
+    weights = copy / "model.safetensors"
+    st = weights.stat()
+    state = load_file(weights)
+    state["qa_outputs.weight"] = state["qa_outputs.weight"] * 0.5
+    save_file(state, weights, metadata={"format": "pt"})
+    os.utime(weights, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert weights.stat().st_size == st.st_size and weights.stat().st_mtime_ns == st.st_mtime_ns
+    train(distill_args(synth, tmp_path / "f", copy, *extra))
+    assert len(calls) == 3
     # the cache holds what the teacher computes on the fly, to float16 precision
     on_the_fly = train(distill_args(synth, tmp_path / "d", teacher, *extra, "--teacher-on-the-fly"))
-    cached = load_model(str(tmp_path / "a"))
-    for (k, a), b in zip(cached.state_dict().items(), on_the_fly.state_dict().values()):
-        assert torch.allclose(a, b, atol=2e-3), k
+    for (k, x), y in zip(first.state_dict().items(), on_the_fly.state_dict().values()):
+        assert torch.allclose(x, y, atol=2e-3), k
+
+
+def test_teacher_cache_on_a_full_disk_is_a_clear_error(synth, teacher, tmp_path, monkeypatch):
+    """The cache file is reserved before the teacher runs: ENOSPC there is one error naming the folder (a
+    memory map written on a full disk would die of SIGBUS instead), and nothing half-made is left."""
+    def full(fd, offset, size):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    monkeypatch.setattr(os, "posix_fallocate", full, raising=False)
+    cache = tmp_path / "cache"
+    with pytest.raises(TinyQAError, match=r"cache.*the disk is full"):
+        train(distill_args(synth, tmp_path / "a", teacher, "--init-config", synth["student_cfg"], "--limit", "20",
+                           "--teacher-cache", str(cache)))
+    assert sorted(p.name for p in cache.iterdir() if p.is_dir()) == []  # no cache folder, no temporary folder
+    assert not (tmp_path / "a").exists()
+
+
+def test_two_runs_computing_the_same_cache_do_not_break_each_other(synth, teacher, tmp_path):
+    """Started together on an empty cache: one computes it (under a lock), the other waits and reuses it;
+    both finish with the same weights."""
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    runs = [subprocess.Popen([sys.executable, str(ROOT / "train_distill.py"),
+                              *common(synth, tmp_path / name, "--teacher", str(teacher), "--init-config",
+                                      synth["student_cfg"], "--limit", "60", "--epochs", "1",
+                                      "--teacher-cache", str(tmp_path / "cache"))],
+                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for name in "ab"]
+    outs = [p.communicate(timeout=600) for p in runs]
+    assert [p.returncode for p in runs] == [0, 0], [e for _, e in outs]
+    assert sum("computing teacher logits" in o for o, _ in outs) == 1, outs
+    assert len([p for p in (tmp_path / "cache").iterdir() if p.is_dir()]) == 1  # one cache, no leftovers
+    a, b = load_model(str(tmp_path / "a")), load_model(str(tmp_path / "b"))
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
 
 
 def test_teacher_with_another_tokenizer_is_refused(synth, teacher, tmp_path):

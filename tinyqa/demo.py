@@ -26,6 +26,7 @@ import time
 
 import torch
 
+from .checks import learning_rate, nonneg_int, positive_int, seed_int
 from .features import FeaturizerConfig
 from .infer import QuestionAnswerer, predict
 from .metrics import score_datasets
@@ -37,20 +38,31 @@ from .train import HelpFormatter, build_parser, train
 from .weights import save_pretrained
 
 
+def model_size(text):
+    """LAYERSxHIDDEN, e.g. 2x128; the hidden size must split over the demo's 4 attention heads."""
+    try:
+        layers, hidden = (int(x) for x in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be LAYERSxHIDDEN like 2x128, got {text!r}")
+    if layers < 1 or hidden < 4 or hidden % 4:
+        raise argparse.ArgumentTypeError(f"needs at least 1 layer and a hidden size divisible by 4, got {text}")
+    return text
+
+
 def get_args(argv=None):
     p = argparse.ArgumentParser(prog="python -m tinyqa demo", description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--out", default="demo-run", help="folder for the data, tokenizer, checkpoints and results.json")
-    p.add_argument("--seed", type=int, default=0, help="seed of the data, the inits and the data order")
-    p.add_argument("--train-contexts", type=int, default=3000, help="synthetic training contexts (about 3 questions each)")
-    p.add_argument("--dev-contexts", type=int, default=200, help="synthetic dev contexts")
-    p.add_argument("--teacher-size", default="2x128", help="teacher LAYERSxHIDDEN")
-    p.add_argument("--student-size", default="2x64", help="student LAYERSxHIDDEN")
-    p.add_argument("--teacher-epochs", type=int, default=3, help="teacher training epochs")
-    p.add_argument("--student-epochs", type=int, default=3, help="epochs of both students (the same budget)")
-    p.add_argument("--lr", type=float, default=2e-3, help="peak lr (from scratch, so far above the card's 3e-5)")
-    p.add_argument("--batch-size", type=int, default=32, help="windows per optimizer step")
-    p.add_argument("--max-seq-len", type=int, default=128, help="window length of the demo models")
-    p.add_argument("--doc-stride", type=int, default=32, help="window overlap")
+    p.add_argument("--seed", type=seed_int, default=0, help="seed of the data, the inits and the data order")
+    p.add_argument("--train-contexts", type=positive_int, default=3000, help="synthetic training contexts (about 3 questions each)")
+    p.add_argument("--dev-contexts", type=positive_int, default=200, help="synthetic dev contexts")
+    p.add_argument("--teacher-size", type=model_size, default="2x128", help="teacher LAYERSxHIDDEN")
+    p.add_argument("--student-size", type=model_size, default="2x64", help="student LAYERSxHIDDEN")
+    p.add_argument("--teacher-epochs", type=positive_int, default=3, help="teacher training epochs")
+    p.add_argument("--student-epochs", type=positive_int, default=3, help="epochs of both students (the same budget)")
+    p.add_argument("--lr", type=learning_rate, default=2e-3, help="peak lr (from scratch, so far above the card's 3e-5)")
+    p.add_argument("--batch-size", type=positive_int, default=32, help="windows per optimizer step")
+    p.add_argument("--max-seq-len", type=positive_int, default=128, help="window length of the demo models")
+    p.add_argument("--doc-stride", type=nonneg_int, default=32, help="window overlap")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     return p.parse_args(argv)
 
@@ -88,6 +100,7 @@ def main(argv=None):
     common = ["--train", str(train_file), "--tokenizer", tok_dir, "--max-seq-len", str(args.max_seq_len),
               "--doc-stride", str(args.doc_stride), "--batch-size", str(args.batch_size), "--lr", str(args.lr),
               "--warmup-proportion", "0.1", "--seed", str(args.seed), "--save-every", "0", "--device", "cpu",
+              "--overwrite",  # the demo owns its subfolders: a second demo run replaces the first
               *(["--quiet"] if args.quiet else [])]
     finetune, distill = build_parser(False), build_parser(True)  # the card's w 0.75 and T 1.5 stay
     dirs = {k: os.path.join(out, k) for k in ("teacher", "student-distilled", "student-ce", "student-init")}

@@ -11,15 +11,16 @@ decodes as transformers' question-answering pipeline did, with its probabilities
 Features are sorted by length before batching, so each batch is padded only to its own longest window;
 logits are trimmed back to each feature's length before decoding.
 """
-import json
 import os
 from dataclasses import replace
 
 import torch
 
+from .checks import check_device
 from .decode import Answer, DecodeConfig, answer_example, decode  # noqa: F401  (Answer: tinyqa.infer.Answer)
 from .errors import TinyQAError
 from .features import FeaturizerConfig, check_model_fits, collate, featurize, length_sorted_batches
+from .files import read_json
 from .mrqa import Example
 
 
@@ -27,6 +28,8 @@ def quantize_int8(model):
     """Dynamic int8 quantisation of every Linear (CPU only): weights stored int8, activations quantised
     per batch. Trades a little accuracy for speed; see benchmarks/bench_inference.py."""
     from torch.ao.quantization import quantize_dynamic
+    p = next(model.parameters())
+    check_device(p.device, p.dtype, "int8")
     return quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
 
 
@@ -67,9 +70,9 @@ def featurizer_config_of(name_or_path, **overrides) -> FeaturizerConfig:
     cfg = FeaturizerConfig()
     path = os.path.join(name_or_path, "args.json")
     if os.path.isdir(name_or_path) and os.path.exists(path):
-        with open(path) as f:
-            saved = json.load(f)
-        cfg = FeaturizerConfig(**{k: saved[k] for k in ("max_seq_len", "doc_stride", "max_query_length") if k in saved})
+        saved = read_json(path, "the checkpoint's training arguments")
+        cfg = FeaturizerConfig(**{k: saved[k] for k in ("max_seq_len", "doc_stride", "max_query_length")
+                                  if isinstance(saved.get(k), int)})
     return replace(cfg, **{k: v for k, v in overrides.items() if v is not None})
 
 
@@ -84,6 +87,7 @@ def forward_examples(model, tokenizer, examples, fcfg=FeaturizerConfig(), batch_
                      progress=False):
     """The windows of the examples and their start and end logits: (features, starts, ends)."""
     check_model_fits(model.config, tokenizer, fcfg.max_seq_len)  # window length, vocabulary, pad id, types
+    # (a quantised model keeps its config too)
     features = featurize(examples, tokenizer, fcfg, with_labels=False)
     starts, ends = run_model(model, features, batch_size, device, progress)
     return features, starts, ends

@@ -12,10 +12,12 @@ import hashlib
 import json
 import os
 import urllib.request
+import zlib
 from dataclasses import dataclass, field
 from typing import Iterator, Optional
 
 from .errors import TinyQAError
+from .metrics import normalize_answer
 
 _S3 = "https://s3.us-east-2.amazonaws.com/mrqa/release/v2"
 # (split, dataset) -> (url, md5 of the .jsonl.gz, questions). From the MRQA 2019 release README.
@@ -59,98 +61,266 @@ class Example:
 
 @dataclass
 class ReadReport:
-    """What a read skipped with skip_bad=True, so that nothing is dropped silently."""
+    """What a read skipped (with skip_bad=True) and noticed, so that nothing is dropped silently."""
     skipped: list = field(default_factory=list)  # "file:line: reason" strings
+    warnings: list = field(default_factory=list)  # "file:line: ..." kept, but worth a look
+
+    def print(self, log):
+        """One line per kind of problem with the count and the first few, so a long list stays readable."""
+        if self.skipped:
+            log(f"skipped {len(self.skipped)} malformed line(s) or question(s) (--skip-bad); first: "
+                + " | ".join(self.skipped[:3]))
+        if self.warnings:
+            log(f"notice: {len(self.warnings)} detected answer(s) whose text is not the context at their "
+                f"char_spans, even after the official normalisation (the span is used); first: "
+                + " | ".join(self.warnings[:3]))
 
 
-def _fail(where, msg, skip_bad, report):
+class _BadLine(ValueError):
+    """What is wrong with one line or one question of it; `question` is set when only that question is bad."""
+
+    def __init__(self, msg, question=False):
+        super().__init__(msg)
+        self.question = question
+
+
+def _fail(where, msg, skip_bad, report, advice="fix it, or pass --skip-bad to skip and count such lines"):
     if not skip_bad:
-        raise TinyQAError(f"{where}: {msg} (fix the line, or pass --skip-bad to skip and count such lines)")
+        raise TinyQAError(f"{where}: {msg} ({advice})")
     report.skipped.append(f"{where}: {msg}")
 
 
-def _open_text(path):
-    with open(path, "rb") as f:
-        gz = f.read(2) == b"\x1f\x8b"
-    return gzip.open(path, "rt", encoding="utf-8") if gz else open(path, "rt", encoding="utf-8")
+def _open_binary(path):
+    """A gzip stream when the file starts with gzip's magic bytes (whatever its name), else the raw file."""
+    if os.path.isdir(path):
+        raise TinyQAError(f"{path}: is a directory, not an MRQA file")
+    try:
+        f = open(path, "rb")
+    except OSError as e:
+        raise TinyQAError(f"{path}: cannot open ({e.strerror})")
+    if f.read(2) == b"\x1f\x8b":
+        f.seek(0)
+        return gzip.GzipFile(fileobj=f, mode="rb")
+    f.seek(0)
+    return f
 
 
-def _parse_line(row, where) -> list:
-    """The examples of one context line; raises ValueError naming the field that is wrong."""
+def _lines(path):
+    """(line number, text) of every line. Each line is decoded on its own, so one bad byte costs one line;
+    a UTF-8 byte-order mark on line 1 is dropped (as Python's utf-8-sig would); a gzip stream that is cut
+    or corrupt raises _Cut with the line it happened at, after every line before it was given out."""
+    with _open_binary(path) as f:
+        lineno = 0
+        while True:
+            try:
+                raw = f.readline()
+            except (EOFError, OSError, zlib.error) as e:  # truncated, or bad deflate data / CRC
+                raise _Cut(lineno + 1, e)
+            if not raw:
+                return
+            lineno += 1
+            if lineno == 1:
+                if raw.startswith((b"\xff\xfe", b"\xfe\xff")):
+                    raise TinyQAError(f"{path}: is UTF-16; MRQA files are UTF-8 (convert it, e.g. with iconv)")
+                raw = raw.removeprefix(b"\xef\xbb\xbf")
+            try:
+                yield lineno, raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                yield lineno, e
+
+
+class _Cut(Exception):
+    def __init__(self, lineno, error):
+        self.lineno, self.error = lineno, error
+
+
+def _is_int(x):
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _check_qa(qa, i, context):
+    """(qid, question, answers, span or None, warnings) of one question; raises _BadLine naming the field."""
+    if not isinstance(qa, dict):
+        raise _BadLine(f"qas[{i}] is a {type(qa).__name__}, not an object", question=True)
+    for key in ("qid", "question", "answers"):
+        if key not in qa:
+            raise _BadLine(f"qas[{i}]: missing field '{key}'", question=True)
+    qid = qa["qid"]
+    if not (isinstance(qid, str) and qid.strip()) and not _is_int(qid):
+        raise _BadLine(f"qas[{i}]: 'qid' must be a non-empty string, not {json.dumps(qid)}", question=True)
+    at = f"qas[{i}] (qid {qid})"
+    question, answers = qa["question"], qa["answers"]
+    if not isinstance(question, str) or not question.strip():
+        raise _BadLine(f"{at}: 'question' must be a non-empty string, not {json.dumps(question)[:40]}", question=True)
+    if not isinstance(answers, list) or not all(isinstance(a, str) for a in answers):
+        raise _BadLine(f"{at}: 'answers' must be a list of strings, not {json.dumps(answers)[:60]}", question=True)
+    if not answers or not any(a.strip() for a in answers):
+        raise _BadLine(f"{at}: 'answers' is empty: the question cannot be scored", question=True)
+    dets = qa.get("detected_answers") or []
+    if not isinstance(dets, list):
+        raise _BadLine(f"{at}: 'detected_answers' must be a list", question=True)
+    span, warnings = None, []
+    for j, det in enumerate(dets):
+        if not isinstance(det, dict) or not isinstance(det.get("char_spans", []), list):
+            raise _BadLine(f"{at}: detected_answers[{j}] must be an object with a 'char_spans' list", question=True)
+        text = det.get("text")
+        for k, cs in enumerate(det.get("char_spans") or []):
+            if not (isinstance(cs, list) and len(cs) == 2 and all(_is_int(x) for x in cs)
+                    and 0 <= cs[0] <= cs[1] < len(context)):
+                raise _BadLine(f"{at}: detected_answers[{j}].char_spans[{k}] = {json.dumps(cs)[:40]} is not an "
+                               f"[start, end] pair of ints, or lies outside the context (length {len(context)}; "
+                               "ends are inclusive)",
+                               question=True)
+            # The MRQA release found spans by matching normalised tokens, so a span's text can differ from
+            # detected_answers.text in case, punctuation and articles ("The Beatles" vs "beatles"). Those
+            # are expected; compared after the official metric's normalisation, any other difference means
+            # the offsets point at the wrong text (e.g. computed on another version of the context).
+            if isinstance(text, str) and normalize_answer(context[cs[0]:cs[1] + 1]) != normalize_answer(text):
+                warnings.append(f"{at}: detected_answers[{j}].char_spans[{k}] gives "
+                                f"{context[cs[0]:cs[1] + 1][:40]!r}, its text is {text[:40]!r}")
+            if span is None:
+                span = (cs[0], cs[1] + 1)  # inclusive end -> exclusive end
+    return str(qid), question, list(answers), span, warnings
+
+
+def _parse_line(row):
+    """[(question index, (qid, question, answers, span, warnings) or _BadLine)] of one context line, and its
+    context; raises _BadLine when the line as a whole is wrong."""
     if not isinstance(row, dict):
-        raise ValueError("not a JSON object")
+        raise _BadLine(f"a JSON {type(row).__name__}, not an object with 'context' and 'qas'")
     for key in ("context", "qas"):
         if key not in row:
-            raise ValueError(f"missing field '{key}'")
+            raise _BadLine(f"missing field '{key}'")
     context, qas = row["context"], row["qas"]
-    if not isinstance(context, str) or not isinstance(qas, list):
-        raise ValueError("'context' must be a string and 'qas' a list")
+    if not isinstance(context, str) or not context.strip():
+        raise _BadLine(f"'context' must be a non-empty string, not {json.dumps(context)[:40]}")
+    if not isinstance(qas, list):
+        raise _BadLine(f"'qas' must be a list, not {json.dumps(qas)[:40]}")
     out = []
     for i, qa in enumerate(qas):
-        for key in ("qid", "question", "answers"):
-            if key not in qa:
-                raise ValueError(f"qas[{i}]: missing field '{key}'")
-        span = None
-        for j, det in enumerate(qa.get("detected_answers") or []):
-            for k, cs in enumerate(det.get("char_spans") or []):
-                if not (isinstance(cs, (list, tuple)) and len(cs) == 2 and 0 <= cs[0] <= cs[1] < len(context)):
-                    raise ValueError(f"qas[{i}] (qid {qa['qid']}): detected_answers[{j}].char_spans[{k}] = {cs} "
-                                     f"lies outside the context (length {len(context)}; ends are inclusive)")
-                if span is None:
-                    span = (cs[0], cs[1] + 1)  # inclusive end -> exclusive end
-        out.append(Example(str(qa["qid"]), qa["question"], context, list(qa["answers"]), span))
-    return out
+        try:
+            out.append(_check_qa(qa, i, context))
+        except _BadLine as e:
+            out.append(e)
+    return context, out
 
 
 def dataset_name(path) -> str:
     """The dataset named by the file's header line, else the file name without its extensions."""
-    with _open_text(path) as f:
-        try:
-            first = json.loads(f.readline() or "{}")
-        except json.JSONDecodeError:
-            first = {}
-    if isinstance(first, dict) and isinstance(first.get("header"), dict) and first["header"].get("dataset"):
-        return first["header"]["dataset"]
-    name = os.path.basename(path)
+    try:
+        for _, text in _lines(str(path)):
+            first = json.loads(text) if isinstance(text, str) else None
+            if isinstance(first, dict) and isinstance(first.get("header"), dict) and first["header"].get("dataset"):
+                return str(first["header"]["dataset"])
+            break
+    except (_Cut, ValueError):
+        pass  # the read proper reports what is wrong with the file
+    name = os.path.basename(str(path))
     for ext in (".gz", ".jsonl", ".json"):
         name = name.removesuffix(ext)
     return name
 
 
-def read_mrqa(path, skip_bad=False, report: Optional[ReadReport] = None) -> Iterator[Example]:
-    """Stream the examples of an MRQA .jsonl or .jsonl.gz file, one context line at a time."""
+class QidIndex:
+    """Where each qid was read (file, line), to name both places of a duplicate; an int per qid, not a string."""
+
+    def __init__(self):
+        self.paths, self.at = [], {}
+
+    def where(self, qid):
+        packed = self.at[qid]
+        path, lineno = self.paths[packed >> 32], packed & 0xFFFFFFFF
+        return f"{path}:{lineno}" if lineno else path
+
+    def add(self, qid, path, lineno):
+        if not self.paths or self.paths[-1] != path:
+            self.paths.append(path)
+        self.at[qid] = ((len(self.paths) - 1) << 32) | lineno
+
+
+def read_mrqa(path, skip_bad=False, report: Optional[ReadReport] = None,
+              qids: Optional[QidIndex] = None) -> Iterator[Example]:
+    """Stream the examples of an MRQA .jsonl or .jsonl.gz file, one context line at a time.
+
+    Every problem is reported as `file:line: what is wrong`: an error, or with skip_bad a skipped line
+    (or question) counted in `report`. A qid seen before in this file, or in earlier files read with the
+    same `qids` index, is a duplicate named with both places."""
     path = str(path)
     if not os.path.exists(path):
         raise TinyQAError(f"{path}: no such file")
     report = report if report is not None else ReadReport()
+    qids = qids if qids is not None else QidIndex()
     from .squad import is_squad_json, read_squad
     if is_squad_json(path):  # SQuAD v1.1 / v2.0 JSON, converted on the fly (tinyqa/squad.py)
-        yield from read_squad(path, skip_bad, report)
+        for ex in read_squad(path, skip_bad, report):
+            if ex.qid in qids.at:
+                _fail(path, f"qid {ex.qid} was already read at {qids.where(ex.qid)}: qids must be unique",
+                      skip_bad, report)
+                continue
+            qids.add(ex.qid, path, 0)  # a SQuAD file is one JSON object: no line to name
+            yield ex
         return
     name = dataset_name(path)
+    lineno = 0
     try:
-        with _open_text(path) as f:
-            for lineno, line in enumerate(f, 1):
-                if not line.strip():
+        for lineno, text in _lines(path):
+            where = f"{path}:{lineno}"
+            if isinstance(text, UnicodeDecodeError):
+                bad = text.object[text.start:text.start + 4]
+                _fail(where, f"not UTF-8 (byte {bad[:1].hex()} at column {text.start + 1})", skip_bad, report)
+                continue
+            if not text.strip():
+                continue
+            try:
+                row = json.loads(text)
+            except json.JSONDecodeError as e:
+                _fail(where, f"not valid JSON ({e.msg} at column {e.colno})", skip_bad, report)
+                continue
+            if isinstance(row, dict) and "header" in row:
+                if lineno != 1:
+                    _fail(where, "a header line; only line 1 may be one", skip_bad, report)
+                continue
+            try:
+                context, parsed = _parse_line(row)
+            except _BadLine as e:
+                _fail(where, str(e), skip_bad, report)
+                continue
+            for item in parsed:
+                if isinstance(item, _BadLine):
+                    _fail(where, str(item), skip_bad, report)
                     continue
-                where = f"{path}:{lineno}"
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as e:
-                    _fail(where, f"not valid JSON ({e.msg} at column {e.colno})", skip_bad, report)
+                qid, question, answers, span, warnings = item
+                if qid in qids.at:
+                    _fail(where, f"qid {qid} was already read at {qids.where(qid)}: qids must be unique",
+                          skip_bad, report)
                     continue
-                if lineno == 1 and isinstance(row, dict) and "header" in row:
-                    continue
-                try:
-                    examples = _parse_line(row, where)
-                except ValueError as e:
-                    _fail(where, str(e), skip_bad, report)
-                    continue
-                for ex in examples:
-                    ex.dataset = name
-                    yield ex
-    except (OSError, EOFError, UnicodeDecodeError) as e:  # truncated gzip, not gzip/utf-8 at all, ...
-        raise TinyQAError(f"{path}: cannot be read as MRQA JSONL ({type(e).__name__}: {e})")
+                qids.add(qid, path, lineno)
+                report.warnings += [f"{where}: {w}" for w in warnings]
+                yield Example(qid, question, context, answers, span, name)
+    except _Cut as cut:
+        _fail(f"{path}:{cut.lineno}", f"the file is cut or corrupt here ({type(cut.error).__name__}: {cut.error})",
+              skip_bad, report, advice="download it again, or pass --skip-bad to use the lines before this one")
+
+
+def read_files(paths, limit=None, skip_bad=False, report: Optional[ReadReport] = None, flag="--data") -> list:
+    """[(path, dataset name, [Example])] of several MRQA files: at most `limit` questions of each, qids
+    unique across all of them, and every file giving at least one question (an empty, header-only or
+    all-skipped file is an error, so that it never enters an average as a silent 0)."""
+    report = report if report is not None else ReadReport()
+    qids, out = QidIndex(), []
+    for path in paths:
+        n_skipped = len(report.skipped)
+        examples = []
+        for ex in read_mrqa(path, skip_bad, report, qids):
+            if limit is not None and len(examples) >= limit:
+                break
+            examples.append(ex)
+        if not examples:
+            why = f"all {len(report.skipped) - n_skipped} were skipped as malformed" \
+                if len(report.skipped) > n_skipped else "it is empty or holds only a header"
+            raise TinyQAError(f"{flag} {path}: no questions to use ({why})")
+        out.append((str(path), examples[0].dataset, examples))
+    return out
 
 
 # --- the official files
@@ -167,14 +337,14 @@ def _md5(path) -> str:
     return h.hexdigest()
 
 
-def download(url: str, md5: str, dest: str, progress=True) -> str:
-    """Fetch url to dest unless a verified copy is there; write to dest.part and rename only once the
+def download(url: str, md5: str, dest: str, progress=True, flag="--data") -> str:
+    """Fetch url to dest unless a verified copy is there; write to dest.PID.part and rename only once the
     MD5 matches, so an interrupted or corrupted download never leaves a file that looks complete."""
     if os.path.exists(dest) and _md5(dest) == md5:
         return dest
     from tqdm import tqdm
     os.makedirs(os.path.dirname(dest), exist_ok=True)
-    part = dest + ".part"
+    part = f"{dest}.{os.getpid()}.part"  # per process: two runs downloading the same file do not mix bytes
     try:
         with urllib.request.urlopen(url, timeout=30) as r, open(part, "wb") as out:
             total = int(r.headers.get("Content-Length") or 0) or None
@@ -182,11 +352,13 @@ def download(url: str, md5: str, dest: str, progress=True) -> str:
                 for block in iter(lambda: r.read(1 << 20), b""):
                     out.write(block)
                     bar.update(len(block))
-    except (OSError, ValueError) as e:  # URLError, timeouts, refused connections are OSErrors
+    except BaseException as e:  # URLError, timeouts, refused connections (OSErrors), a full disk, Ctrl-C
         if os.path.exists(part):
             os.remove(part)
+        if not isinstance(e, (OSError, ValueError)):
+            raise
         raise TinyQAError(f"could not download {url} ({e}); if you are offline, download it elsewhere and "
-                          "pass it with --data FILE")
+                          f"pass it with {flag} FILE")
     got = _md5(part)
     if got != md5:
         os.remove(part)
@@ -195,8 +367,9 @@ def download(url: str, md5: str, dest: str, progress=True) -> str:
     return dest
 
 
-def split_files(split: str, datasets=None, progress=True) -> list:
-    """Local paths of an official split ('train', 'dev' = in-domain dev, 'test' = out-of-domain dev)."""
+def split_files(split: str, datasets=None, progress=True, flag="--data") -> list:
+    """Local paths of an official split ('train', 'dev' = in-domain dev, 'test' = out-of-domain dev); `flag`
+    is the option that takes local files instead (evaluate.py's --data, the training scripts' --train)."""
     if split not in ("train", "dev", "test"):
         raise TinyQAError(f"unknown split {split!r}: use train, dev (in-domain dev) or test (out-of-domain dev)")
     paths = []
@@ -205,10 +378,13 @@ def split_files(split: str, datasets=None, progress=True) -> list:
             continue
         dest = os.path.join(cache_dir(), "mrqa", split, f"{name}.jsonl.gz")
         if name in MANUAL:
-            if not (os.path.exists(dest) and _md5(dest) == md5):
+            if not os.path.exists(dest):
                 raise TinyQAError(f"{name} is served from a registration page ({url}), not as a file: download "
-                                  f"its MRQA dev file there and put it at {dest}, or pass it with --data FILE")
+                                  f"its MRQA dev file there and put it at {dest}, or pass it with {flag} FILE")
+            if _md5(dest) != md5:
+                raise TinyQAError(f"{dest}: MD5 {_md5(dest)} is not the release's {md5}: this is not the MRQA "
+                                  f"{name} dev file (or it is damaged); download it again from {url}")
             paths.append(dest)
             continue
-        paths.append(download(url, md5, dest, progress))
+        paths.append(download(url, md5, dest, progress, flag))
     return paths

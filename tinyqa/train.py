@@ -5,19 +5,21 @@ Notable:
   over `--grad-accum` micro-batches; each micro-batch's mean loss is weighted by its share of the global
   batch, so 1 GPU x 4 accumulation steps and 4 GPUs x 1 optimise the same thing;
 - AdamW (no decay on biases and LayerNorm), clipping at 1.0, LinearWarmup through LambdaLR;
-- teacher logits computed once into a float16 on-disk cache keyed by data + teacher + featurizer, or
-  per batch with --teacher-on-the-fly;
+- teacher logits computed once into a float16 on-disk cache keyed by the content of data + teacher +
+  featurizer (tinyqa/teacher_cache.py), or per batch with --teacher-on-the-fly;
 - HF-layout checkpoints with the resolved arguments and the training state beside them, so that
   `--resume DIR` continues bit for bit (data order is a function of seed and epoch, RNG states saved);
+  Ctrl-C or SIGTERM saves one before exiting (tinyqa/runs.py);
+- everything checkable is checked before any work: flag ranges in the parser, then files, device, --out,
+  the models' positions against --max-seq-len and the tokenizer against their embeddings; a loss that
+  turns NaN or infinite stops the run naming the step, and nothing broken is saved;
 - `torchrun --nproc-per-node N` runs DistributedDataParallel (nccl on GPU, gloo on CPU).
 """
 import argparse
-import hashlib
-import json
 import math
 import os
 import random
-import shutil
+import sys
 import time
 from contextlib import nullcontext
 
@@ -26,17 +28,19 @@ import torch
 import torch.distributed as dist
 from torch.optim.lr_scheduler import LambdaLR
 
+from . import teacher_cache
+from .checks import (check_device, check_featurizer, check_input_files, check_output_dir, learning_rate,
+                     nonneg_float, nonneg_int, positive_float, positive_int, seed_int, unit_float)
 from .errors import TinyQAError
-from .features import FeaturizerConfig, check_model_fits, collate, featurize, length_sorted_batches
+from .features import FeaturizerConfig, check_model_fits, collate, featurize, pair_layout
 from .infer import max_tokens_for
 from .losses import distillation_loss, span_ce_loss
 from .model import EncoderConfig, EncoderForQA
-from .mrqa import ReadReport, read_mrqa, split_files
+from .mrqa import ReadReport, read_files, split_files
+from .runs import (RunLog, StopSignal, check_fresh_out, clear_run, load_training_state, prune_checkpoints, restart_log,
+                   resume_args, rng_states, save_checkpoint, save_final, set_rng_states)
 from .tokenizer import load_tokenizer, tokenizer_fingerprint
-from .weights import load_model, load_model_config, resolve_dir, save_pretrained
-
-# Arguments that define the run; on --resume they come from the checkpoint, not the command line.
-RUNTIME_ARGS = {"resume", "out", "save_every", "stop_after", "device", "quiet", "teacher_cache", "eval_data"}
+from .weights import load_model, load_model_config, resolve_dir
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
@@ -46,6 +50,25 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefau
         if action.default is None or action.default is False:
             return action.help
         return super()._get_help_string(action)
+
+
+_UNSET = object()
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse that also records which flags the command line named, as `args.given`: --resume refuses
+    those that would change the run instead of silently ignoring them. argparse fills in a default only
+    where the namespace has no value yet, so a parse into a namespace pre-filled with a marker leaves the
+    marker exactly where no flag was given."""
+
+    def parse_known_args(self, args=None, namespace=None):
+        if namespace is not None:
+            return super().parse_known_args(args, namespace)
+        dests = {a.dest for a in self._actions if a.dest != argparse.SUPPRESS and a.default != argparse.SUPPRESS}
+        probe, _ = super().parse_known_args(args, argparse.Namespace(**dict.fromkeys(dests, _UNSET)))
+        ns, rest = super().parse_known_args(args)
+        ns.given = sorted(d for d in dests if getattr(probe, d) is not _UNSET)
+        return ns, rest
 
 
 # The model card's hyperparameters: the defaults of train_distill.py and train_finetune.py.
@@ -73,11 +96,11 @@ FINETUNE_CARD = dict(
 def build_parser(distill: bool, defaults: dict = None, description: str = "") -> argparse.ArgumentParser:
     """The command line of both training scripts; `defaults` are the model card's values unless given."""
     defaults = defaults or (DISTILL_CARD if distill else FINETUNE_CARD)
-    p = argparse.ArgumentParser(description=description, formatter_class=HelpFormatter)
+    p = ArgumentParser(description=description, formatter_class=HelpFormatter)
     g = p.add_argument_group("data")
     g.add_argument("--train", nargs="+", metavar="FILE",
                    help="MRQA .jsonl(.gz) training files (default: download the official MRQA train split)")
-    g.add_argument("--limit", type=int, default=None, help="use only the first N questions of each training file")
+    g.add_argument("--limit", type=positive_int, default=None, help="use only the first N questions of each training file")
     g.add_argument("--skip-bad", action="store_true", help="skip malformed lines (counted and reported)")
     g.add_argument("--eval-data", nargs="+", metavar="FILE", help="MRQA files to score (EM/F1) after each epoch")
     g = p.add_argument_group("model")
@@ -91,37 +114,43 @@ def build_parser(distill: bool, defaults: dict = None, description: str = "") ->
                    help="start the trained model from random weights with this HF config.json instead")
     g.add_argument("--tokenizer", default=None, help="tokenizer (default: the trained model's own)")
     g = p.add_argument_group("featurizer")
-    g.add_argument("--max-seq-len", type=int, default=384, help="tokens per window, special tokens included")
-    g.add_argument("--doc-stride", type=int, default=128, help="overlap in tokens between consecutive windows")
-    g.add_argument("--max-query-length", type=int, default=64, help="question tokens kept")
+    g.add_argument("--max-seq-len", type=positive_int, default=384, help="tokens per window, special tokens included")
+    g.add_argument("--doc-stride", type=nonneg_int, default=128, help="overlap in tokens between consecutive windows")
+    g.add_argument("--max-query-length", type=positive_int, default=64, help="question tokens kept")
     g = p.add_argument_group("optimisation (model card defaults)")
-    g.add_argument("--batch-size", type=int, default=defaults["batch_size"], help="windows per optimizer step, all GPUs together")
-    g.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step (per process)")
-    g.add_argument("--epochs", type=int, default=defaults["epochs"], help="passes over the training windows")
-    g.add_argument("--lr", type=float, default=defaults["lr"], help="peak learning rate")
-    g.add_argument("--warmup-proportion", type=float, default=defaults["warmup_proportion"],
+    g.add_argument("--batch-size", type=positive_int, default=defaults["batch_size"], help="windows per optimizer step, all GPUs together")
+    g.add_argument("--grad-accum", type=positive_int, default=1, help="micro-batches per optimizer step (per process)")
+    g.add_argument("--epochs", type=positive_int, default=defaults["epochs"], help="passes over the training windows")
+    g.add_argument("--lr", type=learning_rate, default=defaults["lr"], help="peak learning rate")
+    g.add_argument("--warmup-proportion", type=unit_float, default=defaults["warmup_proportion"],
                    help="fraction of the optimizer steps spent warming the lr up linearly from 0")
-    g.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay (none on biases, LayerNorm)")
-    g.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping norm")
-    g.add_argument("--seed", type=int, default=42, help="seed of init, data order and dropout")
+    g.add_argument("--weight-decay", type=nonneg_float, default=0.01, help="AdamW weight decay (none on biases, LayerNorm)")
+    g.add_argument("--max-grad-norm", type=positive_float, default=1.0, help="gradient clipping norm")
+    g.add_argument("--seed", type=seed_int, default=42, help="seed of init, data order and dropout")
     g.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32",
                    help="autocast dtype on CUDA (fp16 adds a GradScaler); CPU always trains in fp32")
     g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
     if distill:
         g = p.add_argument_group("distillation")
-        g.add_argument("--distillation-loss-weight", type=float, default=defaults["distillation_loss_weight"],
+        g.add_argument("--distillation-loss-weight", type=unit_float, default=defaults["distillation_loss_weight"],
                        help="w in w * T^2 * KL + (1 - w) * CE")
-        g.add_argument("--temperature", type=float, default=defaults["temperature"], help="T, softening both softmaxes")
+        g.add_argument("--temperature", type=positive_float, default=defaults["temperature"], help="T, softening both softmaxes")
         g.add_argument("--teacher-on-the-fly", action="store_true",
                        help="run the teacher per batch instead of caching its logits once")
         g.add_argument("--teacher-cache", default=None,
-                       help="folder of cached teacher logits (default: $TINYQA_CACHE/teacher-logits)")
-        g.add_argument("--teacher-batch-size", type=int, default=64, help="windows per teacher forward pass")
+                       help="folder of cached teacher logits (default: $TINYQA_CACHE/teacher-logits, else "
+                            "~/.cache/tinyqa/teacher-logits)")
+        g.add_argument("--teacher-batch-size", type=positive_int, default=64, help="windows per teacher forward pass")
     g = p.add_argument_group("checkpoints and logging")
     g.add_argument("--out", default=defaults["out"], help="output folder: final model, checkpoints, log.jsonl")
-    g.add_argument("--save-every", type=int, default=1000, help="checkpoint every N optimizer steps (0: only at the end)")
-    g.add_argument("--resume", metavar="CHECKPOINT_DIR", help="continue a run from one of its checkpoints")
-    g.add_argument("--stop-after", type=int, default=None,
+    g.add_argument("--save-every", type=nonneg_int, default=1000, help="checkpoint every N optimizer steps (0: only at the end)")
+    g.add_argument("--resume", metavar="CHECKPOINT_DIR",
+                   help="continue a run from one of its checkpoints, in that run's folder and with its settings")
+    g.add_argument("--overwrite", action="store_true",
+                   help="replace the run already in --out (its log, checkpoints and final model are deleted)")
+    g.add_argument("--keep-checkpoints", type=nonneg_int, default=3, metavar="N",
+                   help="keep only the newest N checkpoints (0: keep all)")
+    g.add_argument("--stop-after", type=positive_int, default=None,
                    help="stop after N optimizer steps as if killed (the schedule stays that of the full run)")
     g.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(distill=distill)
@@ -153,126 +182,131 @@ def epoch_order(seed, epoch, n):
     return torch.randperm(n, generator=g).tolist()
 
 
-def read_examples(files, limit=None, skip_bad=False, log=print):
-    report, examples = ReadReport(), []
-    for path in files:
-        n = 0
-        for ex in read_mrqa(path, skip_bad=skip_bad, report=report):
-            if limit is not None and n >= limit:
-                break
-            examples.append(ex)
-            n += 1
-    if report.skipped:
-        log(f"skipped {len(report.skipped)} malformed line(s); first: {report.skipped[0]}")
+def read_training_examples(files, limit, skip_bad, log):
+    """The training questions, every problem reported: malformed lines are an error (or, with --skip-bad,
+    skipped and counted), and questions without an answer span, which would teach "no answer", are left out
+    with a notice."""
+    report = ReadReport()
+    examples = [ex for _, _, exs in read_files(files, limit, skip_bad, report, flag="--train") for ex in exs]
+    report.print(log)
+    no_span = [ex.qid for ex in examples if ex.span is None]
+    if no_span:
+        log(f"notice: {len(no_span)} of {len(examples)} training questions have no answer span "
+            f"(detected_answers.char_spans) and are left out: {', '.join(no_span[:5])}{' ...' * (len(no_span) > 5)}")
+        examples = [ex for ex in examples if ex.span is not None]
+        if not examples:
+            raise TinyQAError(f"--train {' '.join(files)}: no question has an answer span (detected_answers): "
+                              "there is nothing to train on")
     return examples
 
 
-def file_fingerprint(paths):
-    return [(os.path.abspath(p), os.path.getsize(p), int(os.path.getmtime(p))) for p in paths]
+def diverged(step, first, sums, args, last_checkpoint):
+    """The error for a loss that is NaN or infinite, naming the flags that usually cause it. At a run's first
+    step no update has happened yet, so there the learning rate cannot be the cause."""
+    flag = "--init-config" if args.init_config else "--student" if args.distill else "--model"
+    causes = [f"the initial weights ({flag})" if first else f"--lr {args.lr} too high"]
+    if args.distill:
+        causes.append(f"--temperature {args.temperature} too small")
+    if args.precision == "fp16" and args.device.startswith("cuda"):
+        causes.append("--precision fp16 overflowing (use bf16 or fp32)")
+    loss, kd, ce = (f"{x:.4g}" for x in sums.tolist())
+    return TinyQAError(f"step {step}: the loss is {loss} (kd {kd}, ce {ce}): training diverged and was stopped "
+                       f"before the weights were changed; likely {', or '.join(causes)}. "
+                       f"{'Last checkpoint: ' + last_checkpoint if last_checkpoint else 'No checkpoint was saved'}")
 
 
-# --- teacher logits
+# --- before any work
 
-def teacher_cache_key(args, train_files, teacher_dir, tok_fp):
-    weights = [os.path.join(teacher_dir, f) for f in ("model.safetensors", "pytorch_model.bin", "config.json")
-               if os.path.exists(os.path.join(teacher_dir, f))]
-    key = {"data": file_fingerprint(train_files), "limit": args.limit, "teacher": file_fingerprint(weights),
-           "tokenizer": tok_fp, "featurizer": [args.max_seq_len, args.doc_stride, args.max_query_length]}
-    return hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20], key
+def check_run(args, distill):
+    """Every check that needs neither weights nor training data, so a mistake costs seconds, not a teacher
+    pass over 516k questions. Returns the local folders of the init weights, tokenizer and teacher."""
+    check_device(args.device)
+    check_featurizer(args.max_seq_len, args.doc_stride, args.max_query_length)
+    check_input_files(args.train, "--train")
+    check_input_files(args.eval_data, "--eval-data")
+    if args.init_config and not args.resume:
+        check_input_files([args.init_config], "--init-config")
+    check_output_dir(args.out, "--out")
+    if not args.resume:
+        check_fresh_out(args.out, args.overwrite)
+    flag, name = ("--student", args.student) if distill else ("--model", args.model)
 
+    def resolve(name, flag, **what):
+        if flag == "--model" and name == FINETUNE_CARD["model"] and not os.path.isdir(name):
+            raise TinyQAError(f"--model {name}: no such directory (the default, where train_distill.py writes "
+                              "its model: run it first, or pass --model)")
+        return resolve_dir(name, flag=flag, **what)
 
-@torch.inference_mode()
-def compute_teacher_cache(teacher, features, folder, batch_size, device, autocast, progress):
-    """Teacher start/end logits of every window, float16, flat on disk: logits[offsets[i]:offsets[i+1]]."""
-    from tqdm import tqdm
-    lengths = np.array([len(f.input_ids) for f in features], dtype=np.int64)
-    offsets = np.concatenate([[0], np.cumsum(lengths)])
-    tmp = folder + ".tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
-    logits = np.lib.format.open_memmap(os.path.join(tmp, "logits.npy"), mode="w+", dtype=np.float16,
-                                       shape=(int(offsets[-1]), 2))
-    for idx in tqdm(length_sorted_batches(features, batch_size, max_tokens_for(device)),
-                    desc="teacher logits", disable=not progress):
-        batch = collate([features[i] for i in idx], pad_id=teacher.config.pad_token_id)
-        with autocast:
-            out = teacher(batch["input_ids"].to(device), batch["attention_mask"].to(device),
-                          batch["token_type_ids"].to(device))
-        both = torch.stack([out.start_logits, out.end_logits], dim=-1).float().cpu().numpy()  # (B, L, 2)
-        for row, i in enumerate(idx):
-            logits[offsets[i]:offsets[i + 1]] = both[row, : lengths[i]]
-    logits.flush()
-    del logits
-    np.save(os.path.join(tmp, "offsets.npy"), offsets)
-    shutil.rmtree(folder, ignore_errors=True)
-    os.replace(tmp, folder)  # only a complete cache ever has the final name
+    dirs = {"init": args.resume}  # on --resume, the weights and the tokenizer come from the checkpoint
+    if not args.resume and not args.init_config:
+        dirs["init"] = resolve(name, flag, model=True, tokenizer=False)
+    tok_flag, tok_name = ("--tokenizer", args.tokenizer) if args.tokenizer else (flag, name)
+    dirs["tokenizer"] = args.resume or resolve(tok_name, tok_flag, model=False, tokenizer=True)
+    if distill:
+        dirs["teacher"] = resolve_dir(args.teacher, model=True, tokenizer=True, flag="--teacher")
+    return dirs
 
 
-class TeacherCache:
-    def __init__(self, folder):
-        self.logits = np.load(os.path.join(folder, "logits.npy"), mmap_mode="r")
-        self.offsets = np.load(os.path.join(folder, "offsets.npy"))
-
-    def batch(self, idx, L):
-        """(start, end) float32 tensors (B, L) for the windows idx, zero beyond each window (masked anyway)."""
-        out = np.zeros((len(idx), L, 2), dtype=np.float32)
-        for row, i in enumerate(idx):
-            a, b = self.offsets[i], self.offsets[i + 1]
-            out[row, : b - a] = self.logits[a:b]
-        t = torch.from_numpy(out)
-        return t[..., 0], t[..., 1]
-
-
-# --- checkpoints
-
-def save_checkpoint(folder, model, tokenizer, args, state=None):
-    """HF-layout model folder + args.json (+ training_state.pt for --resume). A checkpoint folder is
-    written under a temporary name and renamed, so a kill never leaves a half-written checkpoint."""
-    tmp = folder.rstrip("/") + ".tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    save_pretrained(model, tmp, tokenizer=tokenizer)
-    with open(os.path.join(tmp, "args.json"), "w") as f:
-        json.dump(vars(args), f, indent=2)
-    if state is not None:
-        torch.save(state, os.path.join(tmp, "training_state.pt"))
-    shutil.rmtree(folder, ignore_errors=True)
-    os.replace(tmp, folder)
+def check_models(args, dirs, distill):
+    """The trained model's config and tokenizer, checked against the windows and each other (and the teacher)."""
+    if dirs["init"]:
+        cfg = load_model_config(dirs["init"])
+    else:
+        try:
+            cfg = EncoderConfig.from_json(args.init_config)  # any family, from its model_type
+        except (OSError, UnicodeDecodeError, ValueError, TypeError) as e:
+            raise TinyQAError(f"--init-config {args.init_config}: {e}")
+    tokenizer = load_tokenizer(dirs["tokenizer"])
+    # now that the tokenizer says how many special tokens a window has: the exact room for context
+    check_featurizer(args.max_seq_len, args.doc_stride, args.max_query_length, pair_layout(tokenizer).n_special)
+    check_model_fits(cfg, tokenizer, args.max_seq_len, "the trained model")  # window, vocabulary, pad id, types
+    if distill:
+        # Teacher and student may be of different families (BERT -> ELECTRA, ...) as long as they share a tokenizer.
+        check_model_fits(load_model_config(dirs["teacher"]), tokenizer, args.max_seq_len, f"the teacher {args.teacher}")
+        if tokenizer_fingerprint(load_tokenizer(dirs["teacher"])) != tokenizer_fingerprint(tokenizer):
+            init = args.tokenizer or args.student
+            raise TinyQAError(f"teacher {args.teacher} and student {init} do not share a tokenizer: distillation "
+                              "compares logits position by position, so both must tokenize identically")
+    return cfg, tokenizer
 
 
-def save_final(out, model, tokenizer, args):
-    """The final model straight into --out, beside log.jsonl and the checkpoints, which stay."""
-    save_checkpoint(os.path.join(out, "final.tmpdir"), model, tokenizer, args)
-    for name in os.listdir(os.path.join(out, "final.tmpdir")):
-        os.replace(os.path.join(out, "final.tmpdir", name), os.path.join(out, name))
-    os.rmdir(os.path.join(out, "final.tmpdir"))
+def build_model(args, cfg, dirs, master):
+    """The model to train (seeded), and what really initialised it, for args.json."""
+    if args.resume:  # the weights come from the checkpoint; args.init from its args.json
+        return load_model(args.resume, verbose=False), getattr(args, "init", None)
+    if args.init_config:
+        return EncoderForQA(cfg), {"weights": f"random, seed {args.seed}", "config": os.path.abspath(args.init_config),
+                                   "tokenizer": os.path.abspath(dirs["tokenizer"])}
+    name = args.student if args.distill else args.model
+    return load_model(dirs["init"], verbose=master), {"weights": os.path.abspath(dirs["init"]), "name": name,
+                                                      "tokenizer": os.path.abspath(dirs["tokenizer"])}
 
 
-def rng_states():
-    s = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        s["cuda"] = torch.cuda.get_rng_state_all()
-    return s
-
-
-def set_rng_states(s):
-    random.setstate(s["python"])
-    np.random.set_state(s["numpy"])
-    torch.set_rng_state(s["torch"])
-    if "cuda" in s and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(s["cuda"])
-
-
-def resume_args(args):
-    """On --resume the run's own arguments come from the checkpoint; only runtime ones from the CLI."""
-    path = os.path.join(args.resume, "args.json")
-    if not os.path.exists(os.path.join(args.resume, "training_state.pt")) or not os.path.exists(path):
-        raise TinyQAError(f"{args.resume}: not a training checkpoint (no training_state.pt / args.json)")
-    with open(path) as f:
-        saved = json.load(f)
-    for k, v in saved.items():
-        if k not in RUNTIME_ARGS:
-            setattr(args, k, v)
-    return args
+def teacher_logits(args, train_files, teacher_dir, features, tokenizer, fcfg, device, autocast, amp_dtype, master,
+                   world, log):
+    """The teacher-logit cache for these windows: reused when the key matches, else computed once (rank 0,
+    under a lock, so a second run wanting the same cache waits for it)."""
+    root = args.teacher_cache or teacher_cache.default_root()
+    try:
+        os.makedirs(root, exist_ok=True)
+    except OSError as e:
+        raise TinyQAError(f"--teacher-cache {root}: cannot create it ({e.strerror})")
+    key, info = teacher_cache.cache_key(root, train_files, teacher_dir, tokenizer_fingerprint(tokenizer), fcfg,
+                                        args.limit, args.skip_bad, amp_dtype)
+    folder = os.path.join(root, key)
+    if master and not teacher_cache.is_complete(folder):
+        with teacher_cache.lock(folder + ".lock", log):
+            if not teacher_cache.is_complete(folder):  # another run may have finished it while we waited
+                log(f"computing teacher logits once into {folder}")
+                teacher = load_model(teacher_dir, device=device, verbose=master)
+                teacher_cache.compute(teacher, features, folder, info, args.teacher_batch_size, device, autocast,
+                                      max_tokens_for(device), progress=not args.quiet)
+                del teacher
+    elif master:
+        log(f"teacher logits: reusing {folder}")
+    if world > 1:
+        dist.barrier()  # the other ranks wait for rank 0's cache
+    return teacher_cache.TeacherCache(folder, features)
 
 
 # --- the loop
@@ -281,6 +315,8 @@ def train(args):
     distill = args.distill
     if args.resume:
         args = resume_args(args)
+    dirs = check_run(args, distill)
+    cfg, tokenizer = check_models(args, dirs, distill)
     # --- distributed: torchrun sets WORLD_SIZE / RANK / LOCAL_RANK
     world = int(os.environ.get("WORLD_SIZE", 1))
     rank = int(os.environ.get("RANK", 0))
@@ -301,64 +337,34 @@ def train(args):
     autocast = torch.autocast("cuda", dtype=amp_dtype) if amp_dtype else nullcontext()
     if args.batch_size % world:
         raise TinyQAError(f"--batch-size {args.batch_size} is not divisible by the {world} processes")
+    eval_examples = None
+    if args.eval_data:  # read now: a bad file fails here, not after the first epoch
+        eval_examples = [ex for _, _, exs in read_files(args.eval_data, skip_bad=args.skip_bad, flag="--eval-data")
+                         for ex in exs]
+
+    # --- model: built first, right after seeding, so nothing later (a teacher, a cache) shifts the RNG
     torch.manual_seed(args.seed)
     random.seed(args.seed)
     np.random.seed(args.seed)
-
-    # --- model and tokenizer
-    init = args.student if distill else args.model
-    tokenizer = load_tokenizer(args.tokenizer or init)
-    if args.resume:  # the weights come from the checkpoint, whatever the init was
-        model = load_model(args.resume, verbose=False)
-    elif args.init_config:
-        try:
-            model = EncoderForQA(EncoderConfig.from_json(args.init_config))  # any family, from its model_type
-        except (ValueError, TypeError, OSError) as e:
-            raise TinyQAError(f"{args.init_config}: {e}")
-    else:
-        model = load_model(init, verbose=master)
+    model, args.init = build_model(args, cfg, dirs, master)
     model.float().to(device).train()
-    check_model_fits(model.config, tokenizer, args.max_seq_len, name=f"model {args.init_config or init}")
 
     # --- data
-    train_files = args.train or split_files("train", progress=master and not args.quiet)
-    examples = read_examples(train_files, args.limit, args.skip_bad, log)
-    if not examples:
-        raise TinyQAError(f"no training questions in {', '.join(train_files)}")
+    train_files = args.train or split_files("train", progress=master and not args.quiet, flag="--train")
+    examples = read_training_examples(train_files, args.limit, args.skip_bad, log)
     fcfg = FeaturizerConfig(args.max_seq_len, args.doc_stride, args.max_query_length)
     features = featurize(examples, tokenizer, fcfg, with_labels=True, with_offsets=False)
-    eval_examples = read_examples(args.eval_data, skip_bad=args.skip_bad, log=log) if args.eval_data else None
     log(f"{len(examples)} questions -> {len(features)} windows; model {model.num_params() / 1e6:.1f}M parameters")
 
-    # --- teacher
+    # --- teacher: in a forked RNG, so that loading it (or not, when its logits are cached) changes nothing
     teacher = cache = None
     if distill:
-        teacher_dir = resolve_dir(args.teacher, model=True, tokenizer=True)
-        if tokenizer_fingerprint(load_tokenizer(teacher_dir)) != tokenizer_fingerprint(tokenizer):
-            raise TinyQAError(f"teacher {args.teacher} and student {init} do not share a tokenizer: distillation "
-                              "compares logits position by position, so both must tokenize identically")
-        # Teacher and student may be of different families (BERT -> ELECTRA, ...) as long as they share it.
-        check_model_fits(load_model_config(teacher_dir), tokenizer, args.max_seq_len, name=f"teacher {args.teacher}")
-        if args.teacher_on_the_fly:
-            teacher = load_model(teacher_dir, device=device, verbose=master)
-        else:
-            key, key_info = teacher_cache_key(args, train_files, teacher_dir, tokenizer_fingerprint(tokenizer))
-            root = args.teacher_cache or os.path.join(os.environ.get("TINYQA_CACHE") or
-                                                      os.path.expanduser("~/.cache/tinyqa"), "teacher-logits")
-            folder = os.path.join(root, key)
-            if master and not os.path.exists(os.path.join(folder, "offsets.npy")):
-                log(f"computing teacher logits once into {folder}")
-                t = load_model(teacher_dir, device=device, verbose=master)
-                compute_teacher_cache(t, features, folder, args.teacher_batch_size, device, autocast,
-                                      progress=not args.quiet)
-                with open(os.path.join(folder, "key.json"), "w") as f:
-                    json.dump(key_info, f, indent=2)
-                del t
-            elif master:
-                log(f"teacher logits: reusing {folder}")
-            if world > 1:
-                dist.barrier()  # the other ranks wait for rank 0's cache
-            cache = TeacherCache(folder)
+        with torch.random.fork_rng(devices=[torch.cuda.current_device()] if use_cuda else []):
+            if args.teacher_on_the_fly:
+                teacher = load_model(dirs["teacher"], device=device, verbose=master)
+            else:
+                cache = teacher_logits(args, train_files, dirs["teacher"], features, tokenizer, fcfg, device,
+                                       autocast, amp_dtype, master, world, log)
 
     # --- optimizer and schedule
     steps_per_epoch = math.ceil(len(features) / args.batch_size)
@@ -369,8 +375,7 @@ def train(args):
     scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
     start_step = 0
     if args.resume:
-        # our own file (it holds numpy/python RNG states, which weights_only refuses)
-        state = torch.load(os.path.join(args.resume, "training_state.pt"), map_location="cpu", weights_only=False)
+        state = load_training_state(args.resume)
         if state["n_features"] != len(features):
             raise TinyQAError(f"{args.resume}: the checkpoint was trained on {state['n_features']} windows but the "
                               f"data now gives {len(features)}: resume with the same --train files and settings")
@@ -379,109 +384,150 @@ def train(args):
         scaler.load_state_dict(state["scaler"])
         set_rng_states(state["rng"][rank] if rank < len(state["rng"]) else state["rng"][0])
         start_step = state["step"]
-        log(f"resuming at step {start_step} of {total_steps}")
+        log(f"resuming at step {start_step} of {total_steps} in {args.out}")
     ddp = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
+    saved = {"last": args.resume}
 
-    def checkpoint(folder, with_state=True):
-        state = None
-        if with_state:
-            all_rng = [None] * world
-            if world > 1:
-                dist.all_gather_object(all_rng, rng_states())
-            else:
-                all_rng = [rng_states()]
-            state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                     "scaler": scaler.state_dict(), "rng": all_rng, "step": step + 1, "n_features": len(features)}
+    def checkpoint(step):
+        """checkpoint-STEP after `step` optimizer steps (every rank calls this: the RNG states are gathered)."""
+        all_rng = [None] * world
+        if world > 1:
+            dist.all_gather_object(all_rng, rng_states())
+        else:
+            all_rng = [rng_states()]
+        state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                 "scaler": scaler.state_dict(), "rng": all_rng, "step": step, "n_features": len(features)}
+        folder = os.path.join(args.out, f"checkpoint-{step}")
         if master:
             save_checkpoint(folder, model, tokenizer, args, state)
+            prune_checkpoints(args.out, args.keep_checkpoints)
+        saved["last"] = folder
+        return folder
 
-    # --- loop
+    # --- the run folder: only now, with every check passed, is an --overwrite'd run removed
+    if master:
+        if args.resume:
+            restart_log(args.out, start_step, steps_per_epoch)
+        elif args.overwrite:
+            clear_run(args.out)
     from tqdm import tqdm
-    os.makedirs(args.out, exist_ok=True)
-    log_file = open(os.path.join(args.out, "log.jsonl"), "a") if master else None
+    log_file = RunLog(os.path.join(args.out, "log.jsonl"), append=bool(args.resume)) if master else None
     bar = tqdm(total=total_steps, initial=start_step, desc="distill" if distill else "finetune",
                disable=not master or args.quiet)
     order, order_epoch = None, -1
     t_last, n_last = time.perf_counter(), 0
-    step = start_step - 1
-    for step in range(start_step, total_steps):
-        epoch, pos = divmod(step, steps_per_epoch)
-        if epoch != order_epoch:
-            order, order_epoch = epoch_order(args.seed, epoch, len(features)), epoch
-        global_idx = order[pos * args.batch_size:(pos + 1) * args.batch_size]
-        rank_idx = global_idx[rank::world]
-        micro = [rank_idx[j::args.grad_accum] for j in range(args.grad_accum)]
-        sums = torch.zeros(3)  # loss, kd, ce: weighted sums for logging
-        for j, idx in enumerate(micro):
-            # A process with nothing left in the last batch still runs a zero-weighted pass: DDP needs
-            # every rank to reach the same all-reduces.
-            weight = len(idx) / len(global_idx) * world
-            idx = idx or global_idx[:1]
-            batch = {k: v.to(device) for k, v in collate([features[i] for i in idx], with_labels=True,
-                                                         pad_id=model.config.pad_token_id).items()}
-            sync = ddp.no_sync() if world > 1 and j < len(micro) - 1 else nullcontext()
-            with sync:
-                with autocast:
-                    out = ddp(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"])
-                if distill:
-                    if cache is not None:
-                        t_start, t_end = (x.to(device) for x in cache.batch(idx, batch["input_ids"].shape[1]))
-                    else:
-                        with torch.inference_mode(), autocast:
-                            t_out = teacher(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"])
-                        t_start, t_end = t_out.start_logits.clone(), t_out.end_logits.clone()
-                    loss, kd, ce = distillation_loss(out.start_logits, out.end_logits, t_start, t_end,
-                                                     batch["start_positions"], batch["end_positions"],
-                                                     batch["attention_mask"], args.distillation_loss_weight,
-                                                     args.temperature)
-                else:
-                    loss = ce = span_ce_loss(out.start_logits, out.end_logits, batch["start_positions"],
-                                             batch["end_positions"], batch["attention_mask"])
-                    kd = torch.zeros(())
-                scaler.scale(loss * weight).backward()
-            sums += torch.stack([loss.detach(), kd.detach(), ce.detach()]).float().cpu() * weight / world
-        scaler.unscale_(optimizer)
-        torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
-        scaler.step(optimizer)
-        scaler.update()
-        lr = scheduler.get_last_lr()[0]
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        if world > 1:
-            dist.all_reduce(sums)
-        n_last += len(global_idx)
+    try:
+        with StopSignal() as stop:
+            for step in range(start_step, total_steps):
+                epoch, pos = divmod(step, steps_per_epoch)
+                if epoch != order_epoch:
+                    order, order_epoch = epoch_order(args.seed, epoch, len(features)), epoch
+                global_idx = order[pos * args.batch_size:(pos + 1) * args.batch_size]
+                sums = forward_backward(args, ddp, scaler, autocast, features, global_idx, rank, world, device,
+                                        teacher, cache)
+                if world > 1:
+                    dist.all_reduce(sums)
+                if not torch.isfinite(sums).all():  # before the optimizer step: the weights stay as they were
+                    raise diverged(step + 1, step == 0, sums, args, saved["last"])
+                scaler.unscale_(optimizer)
+                grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+                if not scaler.is_enabled() and not torch.isfinite(grad_norm):  # fp16's scaler skips such steps
+                    raise diverged(step + 1, step == 0, sums, args, saved["last"])
+                scaler.step(optimizer)
+                scaler.update()
+                lr = scheduler.get_last_lr()[0]
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                n_last += len(global_idx)
 
-        # --- logging, checkpoints, evaluation
-        if master:
-            now = time.perf_counter()
-            row = {"step": step + 1, "loss": round(sums[0].item(), 5), "kd_loss": round(sums[1].item(), 5),
-                   "ce_loss": round(sums[2].item(), 5), "lr": lr, "examples_per_s": round(n_last / (now - t_last), 2)}
-            log_file.write(json.dumps(row) + "\n")
-            log_file.flush()
-            t_last, n_last = now, 0
-            bar.set_postfix(loss=f"{row['loss']:.3f}", kd=f"{row['kd_loss']:.3f}", ce=f"{row['ce_loss']:.3f}",
-                            lr=f"{lr:.2e}")
-            bar.update(1)
-        if args.save_every and (step + 1) % args.save_every == 0 and step + 1 < total_steps:
-            checkpoint(os.path.join(args.out, f"checkpoint-{step + 1}"))
-        if eval_examples and master and pos == steps_per_epoch - 1:
-            evaluate_epoch(model, tokenizer, eval_examples, fcfg, device, epoch, log, log_file)
-        if args.stop_after is not None and step + 1 == args.stop_after and step + 1 < total_steps:
-            checkpoint(os.path.join(args.out, f"checkpoint-{step + 1}"))
-            log(f"stopped after step {step + 1} (--stop-after); continue with --resume "
-                f"{os.path.join(args.out, f'checkpoint-{step + 1}')}")
-            break
-    else:
-        if master:
-            save_final(args.out, model, tokenizer, args)
-        log(f"saved {args.out}")
-    bar.close()
-    if log_file:
-        log_file.close()
+                # --- logging, checkpoints, evaluation, stopping
+                if master:
+                    now = time.perf_counter()
+                    row = {"step": step + 1, "loss": round(sums[0].item(), 5), "kd_loss": round(sums[1].item(), 5),
+                           "ce_loss": round(sums[2].item(), 5), "lr": lr,
+                           "examples_per_s": round(n_last / (now - t_last), 2)}
+                    log_file.write(row)
+                    t_last, n_last = now, 0
+                    bar.set_postfix(loss=f"{row['loss']:.3f}", kd=f"{row['kd_loss']:.3f}", ce=f"{row['ce_loss']:.3f}",
+                                    lr=f"{lr:.2e}")
+                    bar.update(1)
+                last = step + 1 == total_steps
+                if args.save_every and (step + 1) % args.save_every == 0 and not last:
+                    checkpoint(step + 1)
+                if eval_examples and master and pos == steps_per_epoch - 1:
+                    evaluate_epoch(model, tokenizer, eval_examples, fcfg, device, epoch, log, log_file)
+                if args.stop_after is not None and step + 1 == args.stop_after and not last:
+                    folder = checkpoint(step + 1)
+                    log(f"stopped after step {step + 1} (--stop-after); continue with --resume {folder}")
+                    break
+                if stop_requested(stop, world) and not last:
+                    folder = checkpoint(step + 1)
+                    bar.close()
+                    print(f"{stop.received}: saved {folder} after step {step + 1}; continue with --resume {folder}",
+                          file=sys.stderr, flush=True)
+                    raise KeyboardInterrupt
+            else:
+                if master:
+                    save_final(args.out, model, tokenizer, args)
+                log(f"saved {args.out}")
+    finally:
+        bar.close()
+        if log_file:
+            log_file.close()
     if world > 1:
         dist.barrier()
         dist.destroy_process_group()
     return model
+
+
+def stop_requested(stop, world):
+    """Whether Ctrl-C / SIGTERM arrived; with DDP, on any rank (every rank must checkpoint at the same step)."""
+    flag = torch.tensor([stop.received is not None], dtype=torch.int32)
+    if world > 1:
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return bool(flag.item())
+
+
+def ddp_config(ddp):
+    """The config of the model inside a DistributedDataParallel wrapper, or of the model itself."""
+    return getattr(ddp, "module", ddp).config
+
+
+def forward_backward(args, ddp, scaler, autocast, features, global_idx, rank, world, device, teacher, cache):
+    """Forward and backward of one optimizer step's windows (this rank's share, in --grad-accum micro-
+    batches); returns the step's (loss, kd, ce), weighted by each micro-batch's share of the batch."""
+    rank_idx = global_idx[rank::world]
+    micro = [rank_idx[j::args.grad_accum] for j in range(args.grad_accum)]
+    sums = torch.zeros(3)  # loss, kd, ce: weighted sums for logging
+    for j, idx in enumerate(micro):
+        # A process with nothing left in the last batch still runs a zero-weighted pass: DDP needs
+        # every rank to reach the same all-reduces.
+        weight = len(idx) / len(global_idx) * world
+        idx = idx or global_idx[:1]
+        batch = collate([features[i] for i in idx], with_labels=True, pad_id=ddp_config(ddp).pad_token_id)
+        batch = {k: v.to(device) for k, v in batch.items()}
+        sync = ddp.no_sync() if world > 1 and j < len(micro) - 1 else nullcontext()
+        with sync:
+            with autocast:
+                out = ddp(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"])
+            if args.distill:
+                if cache is not None:
+                    t_start, t_end = (x.to(device) for x in cache.batch(idx, batch["input_ids"].shape[1]))
+                else:
+                    with torch.inference_mode(), autocast:
+                        t_out = teacher(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"])
+                    t_start, t_end = t_out.start_logits.clone(), t_out.end_logits.clone()
+                loss, kd, ce = distillation_loss(out.start_logits, out.end_logits, t_start, t_end,
+                                                 batch["start_positions"], batch["end_positions"],
+                                                 batch["attention_mask"], args.distillation_loss_weight,
+                                                 args.temperature)
+            else:
+                loss = ce = span_ce_loss(out.start_logits, out.end_logits, batch["start_positions"],
+                                         batch["end_positions"], batch["attention_mask"])
+                kd = torch.zeros(())
+            scaler.scale(loss * weight).backward()
+        sums += torch.stack([loss.detach(), kd.detach(), ce.detach()]).float().cpu() * weight / world
+    return sums
 
 
 def evaluate_epoch(model, tokenizer, examples, fcfg, device, epoch, log, log_file):
@@ -496,4 +542,4 @@ def evaluate_epoch(model, tokenizer, examples, fcfg, device, epoch, log, log_fil
     m = score_datasets({q: p.text for q, p in preds.items()}, by_dataset)
     log(f"epoch {epoch + 1}: EM {m['macro']['exact_match']:.2f} F1 {m['macro']['f1']:.2f} (macro over {len(by_dataset)} datasets)")
     if log_file:
-        log_file.write(json.dumps({"epoch": epoch + 1, "eval": m}) + "\n")
+        log_file.write({"epoch": epoch + 1, "eval": m})

@@ -11,15 +11,19 @@
   loadable by `transformers.AutoModelForQuestionAnswering`.
 Follows nanoGPT's `from_pretrained` (assert the key sets and every shape) and litgpt's visible key map.
 """
+import functools
 import json
 import os
 import re
+import socket
 import sys
+import urllib.parse
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from .checks import check_device
 from .errors import TinyQAError
 from .model import EncoderConfig, EncoderForQA
 
@@ -164,50 +168,98 @@ def _normalise_hf(key: str, family: str = "roberta") -> str:
 
 # --- where a checkpoint lives
 
-def _hub_download(repo_id: str, filename: str, optional=False):
-    from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError, RepositoryNotFoundError
-    offline_hint = ("if you are offline, pass a local directory holding config.json and model.safetensors "
-                    "(or pytorch_model.bin) and the tokenizer files instead")
+OFFLINE_HINT = ("pass a local directory holding config.json and model.safetensors (or pytorch_model.bin) and the "
+                "tokenizer files instead; set HF_HUB_OFFLINE=1 to use only the HF cache without trying the network")
+
+
+@functools.lru_cache(maxsize=None)
+def _hub_unreachable():
+    """Why the Hugging Face Hub cannot be reached, or None. One TCP connect with a 3 s timeout, once per
+    process: offline, huggingface_hub would otherwise retry each file for half a minute before failing.
+    Behind a proxy a direct connect proves nothing, so there we let huggingface_hub try."""
+    from huggingface_hub import constants
+    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return None
+    url = urllib.parse.urlparse(constants.ENDPOINT)
     try:
-        return hf_hub_download(repo_id, filename)
+        socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout=3).close()
+    except OSError as e:
+        return f"cannot reach {url.hostname}: {e.strerror or e}"
+    return None
+
+
+def _hub_download(repo_id: str, filename: str, optional=False, flag=None):
+    from huggingface_hub import constants, hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError, RepositoryNotFoundError
+    name = f"{flag} {repo_id}" if flag else repr(repo_id)
+    offline = constants.HF_HUB_OFFLINE or _hub_unreachable()
+    try:
+        # Offline, only the HF cache is looked at (no retries); online, huggingface_hub also checks for updates.
+        return hf_hub_download(repo_id, filename, local_files_only=bool(offline))
     except LocalEntryNotFoundError:  # offline (or HF_HUB_OFFLINE=1) and not in the HF cache
-        raise TinyQAError(f"could not download {filename} of {repo_id!r}: no connection to the Hugging Face Hub "
-                          f"and not in the HF cache; {offline_hint}")
+        if optional and offline:
+            return None  # e.g. model.safetensors absent from the cache: try pytorch_model.bin
+        why = "HF_HUB_OFFLINE=1" if constants.HF_HUB_OFFLINE else (offline or "no connection to the Hugging Face Hub")
+        raise TinyQAError(f"{name}: {filename} is not in the HF cache and cannot be downloaded ({why}); {OFFLINE_HINT}")
     except EntryNotFoundError:  # the repository exists but has no such file
         if optional:
             return None
-        raise TinyQAError(f"{repo_id} on the Hugging Face Hub has no {filename}")
+        raise TinyQAError(f"{name}: the repository on the Hugging Face Hub has no {filename}")
     except RepositoryNotFoundError:
-        raise TinyQAError(f"{repo_id!r} is not a model on the Hugging Face Hub (or is private); "
+        raise TinyQAError(f"{name} is not a model on the Hugging Face Hub (or is private); "
                           f"known aliases: {', '.join(ALIASES)}")
     except Exception as e:  # connection refused, timeouts, HTTP errors
         reason = (str(e).strip().splitlines() or [""])[0][:200]
-        raise TinyQAError(f"could not download {filename} of {repo_id!r} from the Hugging Face Hub "
-                          f"({type(e).__name__}: {reason}); {offline_hint}")
+        raise TinyQAError(f"{name}: could not download {filename} from the Hugging Face Hub "
+                          f"({type(e).__name__}: {reason}); {OFFLINE_HINT}")
 
 
-def resolve_dir(name_or_path: str, model=True, tokenizer=True) -> str:
-    """Return a local directory holding the checkpoint's files, downloading only what is asked for."""
+def looks_like_path(name: str) -> bool:
+    """`./x`, `/abs`, `~/x`, `a/b/c`, `x/`, or `runs/distill` when `runs/` exists here: a local folder was
+    meant, so a missing one is "no such directory", never a hub lookup. (`owner/name` alone is a hub id.)"""
+    if name.startswith((".", "/", "~")) or name.endswith(("/", os.sep)) or "\\" in name or name.count("/") > 1:
+        return True
+    return "/" in name and os.path.isdir(name.split("/")[0])
+
+
+def resolve_dir(name_or_path: str, model=True, tokenizer=True, flag=None) -> str:
+    """Return a local directory holding the checkpoint's files, downloading only what is asked for.
+    `flag` (e.g. "--teacher") names the command-line flag in error messages."""
+    what = f"{flag} {name_or_path}" if flag else name_or_path
     if os.path.isdir(name_or_path):
         return name_or_path
+    if os.path.exists(name_or_path):
+        raise TinyQAError(f"{what}: is a file; give the checkpoint's directory (config.json, model.safetensors)")
+    if looks_like_path(name_or_path):
+        raise TinyQAError(f"{what}: no such directory")
     repo_id = ALIASES.get(name_or_path, name_or_path)
     if not re.fullmatch(r"[\w.-]+/[\w.-]+", repo_id):
-        raise TinyQAError(f"unknown model {name_or_path!r}: not a local directory, not an alias "
+        head = f"{flag} {name_or_path}: unknown model" if flag else f"unknown model {name_or_path!r}"
+        raise TinyQAError(f"{head}: not a local directory, not an alias "
                           f"({', '.join(ALIASES)}) and not a hub id like VMware/tinyroberta-mrqa")
+    try:
+        return _download_checkpoint(repo_id, model, tokenizer, flag)
+    except TinyQAError as e:
+        if name_or_path in ALIASES:
+            raise
+        raise TinyQAError(f"{e} (and there is no local directory {name_or_path})") from None
+
+
+def _download_checkpoint(repo_id, model, tokenizer, flag):
     path = None
     if model:
-        path = _hub_download(repo_id, "config.json")
-        if not _hub_download(repo_id, "model.safetensors", optional=True):
-            _hub_download(repo_id, "pytorch_model.bin")
+        path = _hub_download(repo_id, "config.json", flag=flag)
+        if not _hub_download(repo_id, "model.safetensors", optional=True, flag=flag):
+            _hub_download(repo_id, "pytorch_model.bin", flag=flag)
     if tokenizer:  # tokenizer.json, else BERT's vocab.txt, else RoBERTa's vocab.json + merges.txt
         # (deepset/roberta-base-squad2 ships only vocab.json + merges.txt); tokenizer_config.json says
         # whether a vocab.txt is cased.
-        _hub_download(repo_id, "tokenizer_config.json", optional=True)
-        path = _hub_download(repo_id, "tokenizer.json", optional=True) or _hub_download(repo_id, "vocab.txt", optional=True)
+        _hub_download(repo_id, "tokenizer_config.json", optional=True, flag=flag)
+        path = (_hub_download(repo_id, "tokenizer.json", optional=True, flag=flag)
+                or _hub_download(repo_id, "vocab.txt", optional=True, flag=flag))
         if not path:
-            _hub_download(repo_id, "vocab.json")
-            path = _hub_download(repo_id, "merges.txt")
+            _hub_download(repo_id, "vocab.json", flag=flag)
+            path = _hub_download(repo_id, "merges.txt", flag=flag)
     return os.path.dirname(path)
 
 
@@ -259,6 +311,10 @@ def load_state_dict_into(model: EncoderForQA, hf_state: dict, where: str = "chec
         problems.append("shape mismatches " + "; ".join(shape_errors[:10]))
     if problems:
         raise TinyQAError(f"{where}: does not match its config.json: " + "; ".join(problems))
+    for k, t in mapped.items():  # a NaN or inf weight would give NaN logits: garbage answers, no error
+        if t.is_floating_point() and not torch.isfinite(t).all():
+            raise TinyQAError(f"{where}: tensor {_our_to_hf(k, model.config.family)} holds NaN or infinite values; the checkpoint "
+                              "is broken (a diverged training run?): use another one")
     with torch.no_grad():
         for k, t in mapped.items():
             ours[k].copy_(t)
@@ -266,19 +322,20 @@ def load_state_dict_into(model: EncoderForQA, hf_state: dict, where: str = "chec
 
 
 def load_model_config(directory: str) -> EncoderConfig:
-    """The EncoderConfig of a checkpoint directory's config.json, or a one-line error."""
+    """The EncoderConfig of a checkpoint directory's config.json, or one line naming the file and what is wrong."""
     cfg_path = os.path.join(directory, "config.json")
     if not os.path.exists(cfg_path):
         raise TinyQAError(f"{directory}: no config.json (expected an HF-layout checkpoint directory)")
     try:
         return EncoderConfig.from_json(cfg_path)
-    except (ValueError, TypeError, json.JSONDecodeError) as e:
+    except (OSError, UnicodeDecodeError, ValueError, TypeError) as e:  # JSONDecodeError is a ValueError
         raise TinyQAError(f"{cfg_path}: {e}")
 
 
 def load_model(name_or_path: str, device="cpu", dtype=torch.float32, verbose=True) -> EncoderForQA:
     """An EncoderForQA (of the family its config.json names) in eval mode from a local HF-layout directory,
     an alias or a hub id."""
+    check_device(device, dtype)
     directory = resolve_dir(name_or_path, model=True, tokenizer=False)
     model = EncoderForQA(load_model_config(directory))
     missing = load_state_dict_into(model, read_state_dict(directory), where=directory)

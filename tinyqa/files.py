@@ -1,0 +1,107 @@
+"""Writing files so that a kill or a full disk never leaves a half-written one, and content hashes.
+
+- `atomic_write(path)`: write to a unique temporary name in the same folder, then `os.replace` it onto
+  `path`. A reader (or a later run) sees the old file or the new one, never a truncated mix; an error or
+  a kill mid-write leaves the old file as it was.
+- `file_sha256(path)`: the content hash that keys the teacher-logit cache, remembered per
+  (path, size, mtime, ctime, inode) so that a multi-GB teacher is hashed once, not on every run.
+"""
+import errno
+import hashlib
+import json
+import os
+import tempfile
+from contextlib import contextmanager
+
+from .errors import TinyQAError
+
+
+def disk_error(path, e):
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return TinyQAError(f"{path}: the disk is full ({e.strerror}); free space and run again")
+    return TinyQAError(f"{path}: cannot write ({e.strerror or e})")
+
+
+@contextmanager
+def atomic_write(path, mode="w", encoding="utf-8"):
+    """with atomic_write("metrics.json") as f: json.dump(m, f)  -- all or nothing."""
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=os.path.basename(path) + ".", suffix=".tmp")
+    try:
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the file the mode open() would
+        with os.fdopen(fd, mode, encoding=None if "b" in mode else encoding) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())  # on disk before the rename makes it visible
+        os.replace(tmp, path)
+    except OSError as e:
+        _remove(tmp)
+        raise disk_error(path, e) from e
+    except BaseException:
+        _remove(tmp)
+        raise
+
+
+def _umask():
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def write_json(path, obj, **kw):
+    with atomic_write(path) as f:
+        json.dump(obj, f, **kw)
+
+
+def _remove(path):
+    try:
+        os.remove(path)
+    except OSError:
+        pass
+
+
+def _sha256(path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def file_sha256(path, memo_file=None) -> str:
+    """sha256 of a file's bytes. With memo_file, the hash is remembered there per (absolute path, size,
+    mtime_ns, ctime_ns, inode): rewriting a file changes its ctime, which no tool can set back, so a
+    remembered hash is only reused for the very same file. Hashing a 1.4 GB roberta-large takes seconds;
+    the memo makes later runs instant."""
+    st = os.stat(path)
+    ident = f"{os.path.abspath(path)}|{st.st_size}|{st.st_mtime_ns}|{st.st_ctime_ns}|{st.st_ino}"
+    memo = {}
+    if memo_file and os.path.exists(memo_file):
+        try:
+            with open(memo_file) as f:
+                memo = json.load(f)
+        except (OSError, ValueError):
+            memo = {}  # a damaged memo only costs a rehash
+    if ident in memo:
+        return memo[ident]
+    digest = _sha256(path)
+    if memo_file:
+        memo[ident] = digest
+        try:
+            write_json(memo_file, memo, indent=0)
+        except TinyQAError:
+            pass  # the memo is an optimisation; a read-only cache folder must not fail the run
+    return digest
+
+
+def read_json(path, what="JSON", kind=dict):
+    """A JSON file we wrote (args.json, config.json): a truncated or hand-broken one is one line naming it."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            value = json.load(f)
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise TinyQAError(f"{path}: cannot read {what} ({type(e).__name__}: {e}); the file is damaged: "
+                          "restore or delete it")
+    if not isinstance(value, kind):
+        raise TinyQAError(f"{path}: {what} must be a JSON {kind.__name__}, not a {type(value).__name__}")
+    return value
