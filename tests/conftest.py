@@ -81,6 +81,20 @@ def text_pairs(source, generated, request):
 
 
 @pytest.fixture(scope="session")
+def best_tokenizer_dir(generated):
+    """For tests that should run once, not once per source: the real RoBERTa tokenizer where ../shared is
+    there, else the generated one (so they still run on a fresh clone)."""
+    d = shared_data_dir()
+    return d / "roberta-tokenizer" if d is not None else generated["tokenizer"]
+
+
+@pytest.fixture(scope="session")
+def best_pairs(generated, request):
+    """(question, context) pairs to go with best_tokenizer_dir: every SQuAD dev question, else the generated ones."""
+    return request.getfixturevalue("squad_pairs") if shared_data_dir() is not None else generated["pairs"]
+
+
+@pytest.fixture(scope="session")
 def mrqa_path(source, generated):
     """An MRQA dev file: the synthetic one, or SQuAD dev."""
     return generated["dev"] if source == "generated" else shared_data_dir() / "mrqa" / "SQuAD-dev-v1.1.jsonl.gz"

@@ -374,7 +374,7 @@ CASES = [
     Case("answer-model-truncated", "answer", f"{A} --model {{w}}/trunc", ("model.safetensors", "truncated")),
     Case("answer-tokenizer-too-big", "answer", f"{A} --model {{w}}/bigtok", ("not this model's tokenizer",)),
     Case("answer-context-file-missing", "answer", f"{A} --context @{{o}}/none.txt", ("none.txt", "cannot read")),
-    Case("answer-context-file-is-a-folder", "answer", f"{A} --context @{{w}}/bad", ("cannot read",)),
+    Case("answer-context-file-is-a-folder", "answer", f"{A} --context @{{w}}/bad", ("bad", "is a directory")),
     Case("answer-device-unknown", "answer", f"{A} --device gpu", ("unknown device",)),
     Case("answer-device-cuda", "answer", f"{A} --device cuda:99", ("cuda:99",)),
 ]

@@ -24,10 +24,10 @@ SMALL = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, interme
 
 
 @pytest.fixture(scope="module")
-def random_checkpoint(tmp_path_factory, tokenizer_dir):
+def random_checkpoint(tmp_path_factory, best_tokenizer_dir):
     d = tmp_path_factory.mktemp("ckpt")
     torch.manual_seed(0)
-    save_pretrained(RobertaForQA(RobertaConfig(**SMALL)), d, tokenizer=load_tokenizer(str(tokenizer_dir)))
+    save_pretrained(RobertaForQA(RobertaConfig(**SMALL)), d, tokenizer=load_tokenizer(str(best_tokenizer_dir)))
     return d
 
 
@@ -198,7 +198,7 @@ def test_card_row_only_for_a_known_model_on_a_whole_official_split(capsys):
 def test_squad_reader_names_bad_questions_and_reads_gzip(tmp_path):
     from tinyqa.errors import TinyQAError
     from tinyqa.mrqa import ReadReport
-    from tinyqa.train import read_examples
+    from tinyqa.train import read_training_examples
     ctx = "Ada Lovelace wrote the first program in 1843."
     doc = {"version": "1.1", "data": [{"title": "t", "paragraphs": [{"context": ctx, "qas": [
         {"id": "a", "question": "Who?", "answers": [{"text": "Ada Lovelace", "answer_start": 0}]},
@@ -215,4 +215,4 @@ def test_squad_reader_names_bad_questions_and_reads_gzip(tmp_path):
     assert [(ex.qid, ex.span) for ex in got] == [("a", (0, 12)), ("c", (19, 36))] and len(report.skipped) == 1
     assert ctx[19:36] == "the first program"
     # the training scripts' reader takes it too
-    assert [ex.qid for ex in read_examples([path], skip_bad=True, log=lambda *a: None)] == ["a", "c"]
+    assert [ex.qid for ex in read_training_examples([str(path)], None, True, lambda *a: None)] == ["a", "c"]

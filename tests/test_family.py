@@ -92,10 +92,10 @@ def minilm_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def toks(tmp_path_factory, tokenizer_dir, squad_pairs):
+def toks(tmp_path_factory, best_tokenizer_dir, best_pairs):
     """One tokenizer per family kind, each saved to a folder: {kind: (folder, Tokenizer)}."""
-    texts = [c for _, c in squad_pairs[::25]] + [q for q, _ in squad_pairs[::5]]
-    out = {"roberta": (tokenizer_dir, load_tokenizer(str(tokenizer_dir)))}
+    texts = [c for _, c in best_pairs[::25]] + [q for q, _ in best_pairs[::5]]
+    out = {"roberta": (best_tokenizer_dir, load_tokenizer(str(best_tokenizer_dir)))}
     wp = minilm_folder(tmp_path_factory)
     if wp is None:
         wp = tmp_path_factory.mktemp("wordpiece")
@@ -109,10 +109,11 @@ def toks(tmp_path_factory, tokenizer_dir, squad_pairs):
 
 
 def padded_batch(tok, pairs, lengths, pad_id):
-    """Real SQuAD question/context pairs through the tokenizer's pair template, cut to the given lengths
-    (keeping the closing separator) and right-padded: ids, attention mask and token types (B, L)."""
-    rows = []
-    for (q, c), n in zip(pairs[::997], lengths):
+    """Question/context pairs (real SQuAD ones where ../shared is there) through the tokenizer's pair
+    template, cut to the given lengths (keeping the closing separator) and right-padded: ids, attention mask
+    and token types (B, L)."""
+    rows, step = [], max(1, min(997, len(pairs) // len(lengths)))  # pairs spread over the whole set
+    for (q, c), n in zip(pairs[::step], lengths):
         e = tok.encode(q, c)
         rows.append((e.ids[: n - 1] + e.ids[-1:], e.type_ids[: n - 1] + e.type_ids[-1:]))
     L = max(len(r) for r, _ in rows)
@@ -166,7 +167,7 @@ def randomize_norms_and_biases_(model, seed=0):
 # --- the model against transformers
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_parity_tiny_config(family, tmp_path, toks, squad_pairs):
+def test_parity_tiny_config(family, tmp_path, toks, best_pairs):
     """transformers' model saved by transformers, loaded by tinyqa (config.json and key map), on real text;
     300 tokens, so DeBERTa's log buckets (distances > 128) are used too."""
     _, tok = toks[family]
@@ -176,7 +177,7 @@ def test_parity_tiny_config(family, tmp_path, toks, squad_pairs):
     hf.save_pretrained(tmp_path)
     ours = load_model(str(tmp_path))
     assert ours.config.family == family
-    ids, mask, types = padded_batch(tok, squad_pairs, [300, 220, 131, 40, 17], ours.config.pad_token_id)
+    ids, mask, types = padded_batch(tok, best_pairs, [300, 220, 131, 40, 17], ours.config.pad_token_id)
     print(f"{family}: max abs diff {check_parity(hf, ours, ids, mask, types):.3g}")
 
 
@@ -226,7 +227,7 @@ def test_parameter_counts_match_the_card(shared):
 
 
 @pytest.mark.slow
-def test_parity_real_configs(shared, toks, squad_pairs):
+def test_parity_real_configs(shared, toks, best_pairs):
     """All 17 configs of the card at full size: our model with random weights, the same tensors handed to
     transformers' model (its own key names, from our map), logits and every hidden state within 1e-4 on real
     SQuAD text (the family's tokenizer kind; DeBERTa's is trained here). Short windows keep it affordable:
@@ -244,7 +245,7 @@ def test_parity_real_configs(shared, toks, squad_pairs):
         assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys")), (r["row"], info)
         _, tok = toks[cfg.family]
         lengths = [12, 7] if cfg.hidden_size >= 1024 else [24, 11] if cfg.hidden_size >= 768 else [48, 20]
-        ids, mask, types = padded_batch(tok, squad_pairs, lengths, cfg.pad_token_id)
+        ids, mask, types = padded_batch(tok, best_pairs, lengths, cfg.pad_token_id)
         diffs[r["row"]] = check_parity(hf.eval(), ours, ids, mask, types)
         del ours, hf, state
         gc.collect()
@@ -252,7 +253,7 @@ def test_parity_real_configs(shared, toks, squad_pairs):
 
 
 @pytest.mark.parametrize("family", ["roberta", *FAMILIES])
-def test_round_trip_through_transformers(family, tmp_path, toks, squad_pairs):
+def test_round_trip_through_transformers(family, tmp_path, toks, best_pairs):
     """save_pretrained writes what AutoModelForQuestionAnswering and AutoTokenizer load back, for every
     family, with the model's real window length as model_max_length (a 130-position RoBERTa: 128)."""
     _, tok = toks[family]
@@ -263,13 +264,13 @@ def test_round_trip_through_transformers(family, tmp_path, toks, squad_pairs):
     hf, info = transformers.AutoModelForQuestionAnswering.from_pretrained(tmp_path, output_loading_info=True)
     assert type(hf).__name__ == ours.config.to_dict()["architectures"][0]
     assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"], info
-    ids, mask, types = padded_batch(tok, squad_pairs, [120, 64, 9], ours.config.pad_token_id)
+    ids, mask, types = padded_batch(tok, best_pairs, [120, 64, 9], ours.config.pad_token_id)
     check_parity(hf.eval(), ours, ids, mask, types, atol=1e-5)
     again = load_model(str(tmp_path))
     for (k, v), (k2, v2) in zip(ours.state_dict().items(), again.state_dict().items()):
         assert k == k2 and torch.equal(v, v2), k
     hf_tok = transformers.AutoTokenizer.from_pretrained(tmp_path)
-    q, c = squad_pairs[0]
+    q, c = best_pairs[0]
     e = load_tokenizer(str(tmp_path)).encode(q, c)
     assert hf_tok(q, c)["input_ids"] == e.ids
     if family != "roberta":
@@ -285,7 +286,7 @@ PRETRAINING = {  # a base checkpoint of each family, with the heads its key map 
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_base_checkpoint_heads_dropped_and_unknown_keys_listed(family, tmp_path, capsys, toks, squad_pairs):
+def test_base_checkpoint_heads_dropped_and_unknown_keys_listed(family, tmp_path, capsys, toks, best_pairs):
     """A pre-training checkpoint loads as an encoder with a fresh QA head: its heads (and DeBERTa-v3's unused
     absolute position table and mask/LM predictions) are dropped by name; a key nobody knows is an error."""
     from safetensors.torch import load_file, save_file
@@ -303,7 +304,7 @@ def test_base_checkpoint_heads_dropped_and_unknown_keys_listed(family, tmp_path,
     save_file(state, f, metadata={"format": "pt"})
     ours = load_model(str(tmp_path))
     assert "no QA head" in capsys.readouterr().err
-    ids, mask, types = padded_batch(tok, squad_pairs, [80, 30], ours.config.pad_token_id)
+    ids, mask, types = padded_batch(tok, best_pairs, [80, 30], ours.config.pad_token_id)
     with torch.no_grad():
         a = lm(input_ids=ids, attention_mask=mask, token_type_ids=types, output_hidden_states=True).hidden_states
         b = ours(ids, mask, types, output_hidden_states=True).hidden_states
@@ -316,7 +317,7 @@ def test_base_checkpoint_heads_dropped_and_unknown_keys_listed(family, tmp_path,
         load_model(str(tmp_path))
 
 
-def test_bare_encoder_keys_load(tmp_path, toks, squad_pairs):
+def test_bare_encoder_keys_load(tmp_path, toks, best_pairs):
     """A DeBERTa checkpoint without the 'deberta.' prefix (a bare DebertaV2Model's keys) loads too."""
     _, tok = toks["deberta-v2"]
     torch.manual_seed(3)
@@ -324,7 +325,7 @@ def test_bare_encoder_keys_load(tmp_path, toks, squad_pairs):
         hf_config(tiny_config("deberta-v2", tok))).eval())
     torch.save({k.removeprefix("deberta."): v for k, v in hf.state_dict().items()}, tmp_path / "pytorch_model.bin")
     (tmp_path / "config.json").write_text(hf.config.to_json_string())
-    ids, mask, types = padded_batch(tok, squad_pairs, [60, 20], 0)
+    ids, mask, types = padded_batch(tok, best_pairs, [60, 20], 0)
     check_parity(hf, load_model(str(tmp_path)), ids, mask, types)
 
 
@@ -379,14 +380,14 @@ def test_flops_per_token_matches_torch_flop_counter(family, toks):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 @pytest.mark.parametrize("family", FAMILIES)
-def test_cuda_parity_fp32_and_half(family, tmp_path, toks, squad_pairs):
+def test_cuda_parity_fp32_and_half(family, tmp_path, toks, best_pairs):
     """SDPA's CUDA kernels, DeBERTa's additive float mask among them, against transformers on the CPU."""
     _, tok = toks[family]
     torch.manual_seed(0)
     hf = randomize_norms_and_biases_(transformers.AutoModelForQuestionAnswering.from_config(
         hf_config(tiny_config(family, tok))).eval())
     hf.save_pretrained(tmp_path)
-    ids, mask, types = padded_batch(tok, squad_pairs, [384, 222, 95, 31], 0)
+    ids, mask, types = padded_batch(tok, best_pairs, [384, 222, 95, 31], 0)
     with torch.no_grad():
         ref = hf(input_ids=ids, attention_mask=mask, token_type_ids=types)
     valid = mask.bool()
@@ -400,7 +401,7 @@ def test_cuda_parity_fp32_and_half(family, tmp_path, toks, squad_pairs):
 
 # --- real weights: all-MiniLM-L6-v2, a 6 x 384 uncased BERT
 
-def test_real_minilm_weights_match_transformers(minilm_dir, capsys, squad_pairs):
+def test_real_minilm_weights_match_transformers(minilm_dir, capsys, best_pairs):
     """Its bare BertModel weights (no 'bert.' prefix, a pooler, a position_ids buffer) with a fresh QA head,
     against transformers' BertForQuestionAnswering holding the same weights and our fresh head."""
     ours = load_model(str(minilm_dir))
@@ -410,7 +411,7 @@ def test_real_minilm_weights_match_transformers(minilm_dir, capsys, squad_pairs)
         hf.qa_outputs.weight.copy_(ours.qa_outputs.weight)
         hf.qa_outputs.bias.copy_(ours.qa_outputs.bias)
     tok = load_tokenizer(str(minilm_dir))
-    ids, mask, types = padded_batch(tok, squad_pairs, [384, 250, 131, 40, 17], 0)
+    ids, mask, types = padded_batch(tok, best_pairs, [384, 250, 131, 40, 17], 0)
     print(f"all-MiniLM-L6-v2: max abs diff {check_parity(hf, ours, ids, mask, types):.3g}")
 
 
