@@ -179,6 +179,7 @@ class QAOutput(NamedTuple):
     start_logits: torch.Tensor  # (B, L) float32
     end_logits: torch.Tensor  # (B, L) float32
     hidden_states: Optional[tuple] = None  # embeddings output, then each layer's output: (B, L, H) each
+    attention_scores: Optional[tuple] = None  # per layer, the pre-softmax scores (B, nh, L, L), or None
 
 
 class Embeddings(nn.Module):
@@ -273,7 +274,10 @@ class SelfAttention(nn.Module):
         self.attn_dropout = cfg.attention_probs_dropout_prob
         self.rel_dropout = cfg.hidden_dropout_prob  # DeBERTa's dropout on the relative embeddings
 
-    def forward(self, x, mask, rel=None):
+    def forward(self, x, mask, rel=None, need_scores=False):
+        """(output (B, L, H), scores): scores are the logits SDPA softmaxes, (B, nh, L, L), when need_scores
+        (TinyBERT's attention loss: tinyqa/intermediate.py), else None. The output always comes from SDPA,
+        so asking for the scores changes nothing else; padded keys' scores are left in, the loss skips them."""
         B, L, H = x.shape
         hs = H // self.n_head
         # (B, L, H) -> (B, L, nh, hs) -> (B, nh, L, hs)
@@ -283,7 +287,7 @@ class SelfAttention(nn.Module):
         if rel is None:
             # mask: (B, 1, 1, L) bool, True where a key may be attended to. Padded query rows still see the
             # real keys, so no row is all -inf and SDPA never produces NaN.
-            bias, scale = mask, None  # SDPA's own 1 / sqrt(hs)
+            bias, scale, position = mask, 1 / math.sqrt(hs), None  # SDPA's default scale, written out
         else:
             # DeBERTa: scores = (q.k + c2p + p2c) / sqrt(3 hs), three terms, hence the 3. The position
             # terms enter SDPA as an additive float mask (already scaled), padding keys at the dtype's min.
@@ -293,12 +297,16 @@ class SelfAttention(nn.Module):
             pos_q = self.query(rel_emb).view(-1, self.n_head, hs).transpose(0, 1)  # (2S, H) -> (nh, 2S, hs)
             pos_k = self.key(rel_emb).view(-1, self.n_head, hs).transpose(0, 1)
             scale = 1 / math.sqrt(3 * hs)
-            bias = disentangled_bias(q, k, pos_q, pos_k, idx) * scale  # (B, nh, L, L)
-            bias = bias.masked_fill(~mask, torch.finfo(bias.dtype).min)
+            position = disentangled_bias(q, k, pos_q, pos_k, idx) * scale  # (B, nh, L, L)
+            bias = position.masked_fill(~mask, torch.finfo(position.dtype).min)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=scale,
                                            dropout_p=self.attn_dropout if self.training else 0.0)
         y = y.transpose(1, 2).reshape(B, L, H)  # (B, nh, L, hs) -> (B, L, H)
-        return self.out(y)
+        scores = None
+        if need_scores:  # the same logits SDPA computed inside, (B, nh, L, L): q.k scaled (+ DeBERTa's terms)
+            scores = (q @ k.transpose(-1, -2)) * scale
+            scores = scores if position is None else scores + position
+        return self.out(y), scores
 
 
 class FeedForward(nn.Module):
@@ -322,9 +330,10 @@ class Layer(nn.Module):
         self.ln_ffn = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
         self.drop = nn.Dropout(cfg.hidden_dropout_prob)
 
-    def forward(self, x, mask, rel=None):
-        x = self.ln_attn(x + self.drop(self.attn(x, mask, rel)))
-        return self.ln_ffn(x + self.drop(self.ffn(x)))
+    def forward(self, x, mask, rel=None, need_scores=False):
+        a, scores = self.attn(x, mask, rel, need_scores)
+        x = self.ln_attn(x + self.drop(a))
+        return self.ln_ffn(x + self.drop(self.ffn(x))), scores
 
 
 class Encoder(nn.Module):
@@ -338,18 +347,23 @@ class Encoder(nn.Module):
             self.rel_embeddings = nn.Embedding(2 * cfg.position_buckets, cfg.hidden_size)
             self.ln_rel = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
 
-    def forward(self, input_ids, attention_mask, token_type_ids=None, output_hidden_states=False):
+    def forward(self, input_ids, attention_mask, token_type_ids=None, output_hidden_states=False,
+                output_scores=()):
+        """(last hidden state, all hidden states or None, attention scores or None). output_scores: the
+        0-based layers whose scores to return (True: all); the others' entries are None."""
         mask = attention_mask.bool()[:, None, None, :]  # (B, L) -> (B, 1, 1, L), broadcast over heads and queries
         x = self.embeddings(input_ids, attention_mask, token_type_ids)
         rel = None
         if self.rel_embeddings is not None:  # normalised once, projected by each layer with its own q/k
             idx = relative_position_buckets(input_ids.shape[1], self.buckets, self.max_relative, input_ids.device)
             rel = (self.ln_rel(self.rel_embeddings.weight), idx)
-        hidden = [x]
-        for layer in self.layers:
-            x = layer(x, mask, rel)
+        wanted = set(range(len(self.layers))) if output_scores is True else set(output_scores or ())
+        hidden, scores = [x], []
+        for i, layer in enumerate(self.layers):
+            x, s = layer(x, mask, rel, need_scores=i in wanted)
             hidden.append(x)
-        return x, (tuple(hidden) if output_hidden_states else None)
+            scores.append(s)
+        return x, (tuple(hidden) if output_hidden_states else None), (tuple(scores) if wanted else None)
 
 
 class EncoderForQA(nn.Module):
@@ -378,12 +392,15 @@ class EncoderForQA(nn.Module):
             nn.init.ones_(m.weight)
             nn.init.zeros_(m.bias)
 
-    def forward(self, input_ids, attention_mask, token_type_ids=None, output_hidden_states=False) -> QAOutput:
-        """input_ids, attention_mask, token_type_ids: (B, L); token types default to all 0."""
-        x, hidden = self.encoder(input_ids, attention_mask, token_type_ids, output_hidden_states)  # (B, L, H)
+    def forward(self, input_ids, attention_mask, token_type_ids=None, output_hidden_states=False,
+                output_scores=()) -> QAOutput:
+        """input_ids, attention_mask, token_type_ids: (B, L); token types default to all 0.
+        output_hidden_states and output_scores (layers, or True for all) serve intermediate-layer distillation."""
+        x, hidden, scores = self.encoder(input_ids, attention_mask, token_type_ids, output_hidden_states,
+                                         output_scores)  # (B, L, H)
         logits = self.qa_outputs(x).float()  # (B, L, 2), float32 whatever the compute dtype
         start, end = logits.unbind(dim=-1)  # (B, L) each
-        return QAOutput(start.contiguous(), end.contiguous(), hidden)
+        return QAOutput(start.contiguous(), end.contiguous(), hidden, scores)
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
