@@ -1,4 +1,5 @@
-"""Losses for extractive QA: span cross-entropy and prediction-layer distillation.
+"""Losses for extractive QA: span cross-entropy, prediction-layer distillation, and TinyBERT's
+intermediate-layer losses (hidden states and attention scores).
 
 The distillation recipe is the one haystack used to train tinyroberta (deepset, "TinyRoBERTa" model
 card; Hinton et al. 2015, "Distilling the Knowledge in a Neural Network"):
@@ -14,6 +15,7 @@ transformers' RobertaForQuestionAnswering does not mask pad positions in its CE)
 independent of how much a batch is padded, so length-sorted batches, gradient accumulation and DDP
 shards all optimise the same objective; pad positions carry no answer, so nothing is lost.
 """
+import torch
 import torch.nn.functional as F
 
 # A finite "minus infinity": exp() of it is exactly 0 in float32, yet 0 * it stays 0 (with -inf it is NaN).
@@ -48,3 +50,47 @@ def distillation_loss(student_start, student_end, teacher_start, teacher_end, st
     ce = span_ce_loss(student_start, student_end, start_positions, end_positions, attention_mask)
     total = weight * temperature ** 2 * kd + (1 - weight) * ce
     return total, kd, ce
+
+
+# --- intermediate-layer distillation (Jiao et al. 2020, "TinyBERT", eqs. 7-9; its task_distill.py)
+#
+# TinyBERT takes F.mse_loss's mean over every entry of the (B, L, H) hidden states and the (B, nh, L, L)
+# scores of windows all padded to max_seq_length, padded entries included (it zeroes the scores of padded
+# keys first, so they add 0 but still count). So every window weighs the same, and within a window the
+# padding dilutes the error. Here each window's error is averaged over its REAL entries only (real tokens
+# for hidden states, (real query, real key) pairs for scores), and windows are then averaged: the same
+# per-window weighting, but the loss no longer depends on how much a window happens to be padded, and
+# length-sorted batches, accumulation and DDP shards (which weight micro-batches by their window counts,
+# as the losses above need) all optimise the same objective.
+
+def hidden_mse(student_hidden, teacher_hidden, attention_mask):
+    """Mean over windows of each window's mean squared error over its real tokens' features: (B, L, H)
+    each (the student's already projected to the teacher's width), attention_mask (B, L)."""
+    valid = attention_mask.bool()[:, :, None]  # (B, L, 1)
+    diff = torch.where(valid, student_hidden.float() - teacher_hidden.float(), 0.0)
+    per_window = diff.pow(2).sum(dim=(1, 2)) / (valid.sum(dim=(1, 2)) * student_hidden.shape[-1])  # (B,)
+    return per_window.mean()
+
+
+def attention_mse(student_scores, teacher_scores, attention_mask):
+    """Mean over windows of each window's mean squared error of the pre-softmax attention scores
+    (B, nh, L, L), over heads and the (query, key) pairs where both tokens are real; a padded key's score
+    (-inf in effect) would otherwise dominate."""
+    real = attention_mask.bool()
+    valid = real[:, None, :, None] & real[:, None, None, :]  # (B, 1, L, L)
+    diff = torch.where(valid, student_scores.float() - teacher_scores.float(), 0.0)
+    per_window = diff.pow(2).sum(dim=(1, 2, 3)) / (valid.sum(dim=(1, 2, 3)) * student_scores.shape[1])  # (B,)
+    return per_window.mean()
+
+
+def intermediate_loss(student_hidden, teacher_hidden, student_scores, teacher_scores, attention_mask,
+                      weights=(1.0, 1.0, 1.0)):
+    """(total, embedding part, hidden part, attention part) of TinyBERT's intermediate-layer stage, summed
+    over the mapped layers as TinyBERT does: student_hidden[0] (the projected embedding output) learns
+    teacher_hidden[0]; student_hidden[i] and student_scores[i - 1] learn teacher_hidden[i] and
+    teacher_scores[i - 1] for i = 1 .. n (the caller has already picked the teacher's mapped layers)."""
+    emb = hidden_mse(student_hidden[0], teacher_hidden[0], attention_mask)
+    hid = sum(hidden_mse(s, t, attention_mask) for s, t in zip(student_hidden[1:], teacher_hidden[1:]))
+    att = sum(attention_mse(s, t, attention_mask) for s, t in zip(student_scores, teacher_scores))
+    total = weights[0] * emb + weights[1] * hid + weights[2] * att
+    return total, emb, hid, att

@@ -22,6 +22,7 @@ import random
 import sys
 import time
 from contextlib import nullcontext
+from dataclasses import replace
 
 import numpy as np
 import torch
@@ -34,7 +35,9 @@ from .checks import (check_device, check_featurizer, check_input_files, check_ou
 from .errors import TinyQAError
 from .features import FeaturizerConfig, check_model_fits, collate, featurize, pair_layout
 from .infer import max_tokens_for
-from .losses import distillation_loss, span_ce_loss
+from .intermediate import (ProjectedStudent, check_layer_map, parse_layer_map, student_from_teacher_layers,
+                           teacher_targets, uniform_layer_map)
+from .losses import distillation_loss, intermediate_loss, span_ce_loss
 from .model import EncoderConfig, EncoderForQA
 from .mrqa import ReadReport, read_files, split_files
 from .runs import (RunLog, StopSignal, check_fresh_out, clear_run, load_training_state, prune_checkpoints, restart_log,
@@ -83,6 +86,20 @@ DISTILL_CARD = dict(
     temperature=1.5,
     out="runs/distill",
 )
+# `--stage intermediate` (TinyBERT's first stage, which made deepset's tinyroberta-squad2-step1): its teacher
+# and student are those of deepset's lineage (roberta-base-squad2 teaching the general-distilled 6-layer
+# tinyroberta-6l-768d); lr 5e-5 and batch 32 are TinyBERT's task-distillation values (section 4.2), warmup
+# 0.1 its task_distill.py default. Epochs are our choice: TinyBERT's 10-20 epochs were over GLUE sets a
+# fraction of MRQA's 516,819 questions.
+INTERMEDIATE_DEFAULTS = dict(
+    teacher="roberta-base-squad2",
+    student="tinyroberta-6l-768d",
+    batch_size=32,
+    epochs=3,
+    lr=5e-5,
+    warmup_proportion=0.1,
+    out="runs/step1",
+)
 FINETUNE_CARD = dict(
     model="runs/distill",  # the distilled student that train_distill.py writes by default
     batch_size=16,
@@ -105,9 +122,18 @@ def build_parser(distill: bool, defaults: dict = None, description: str = "") ->
     g.add_argument("--eval-data", nargs="+", metavar="FILE", help="MRQA files to score (EM/F1) after each epoch")
     g = p.add_argument_group("model")
     if distill:
-        g.add_argument("--teacher", default=defaults["teacher"], help="teacher: alias, hub id or directory")
+        g.add_argument("--stage", choices=["prediction", "intermediate"], default="prediction",
+                       help="prediction: the card's stage, the student learns the teacher's start/end logits; "
+                            "intermediate: TinyBERT's first stage, it learns the teacher's embeddings, hidden "
+                            "states and attention scores (the defaults marked 'intermediate:' then apply)")
+        g.add_argument("--teacher", default=defaults["teacher"],
+                       help=f"teacher: alias, hub id or directory (intermediate: {INTERMEDIATE_DEFAULTS['teacher']})")
         g.add_argument("--student", default=defaults["student"],
-                       help="student init: alias, hub id or directory (a base LM gets a fresh QA head)")
+                       help="student init: alias, hub id or directory (a base LM gets a fresh QA head; "
+                            f"intermediate: {INTERMEDIATE_DEFAULTS['student']})")
+        g.add_argument("--student-layers", type=positive_int, default=None, metavar="N",
+                       help="start the student from N of the teacher's own layers instead (its embeddings, layers "
+                            "k, 2k, ... with k = teacher layers / N, and its QA head)")
     else:
         g.add_argument("--model", default=defaults["model"], help="model to fine-tune: alias, hub id or directory")
     g.add_argument("--init-config", metavar="CONFIG_JSON",
@@ -118,12 +144,16 @@ def build_parser(distill: bool, defaults: dict = None, description: str = "") ->
     g.add_argument("--doc-stride", type=nonneg_int, default=128, help="overlap in tokens between consecutive windows")
     g.add_argument("--max-query-length", type=positive_int, default=64, help="question tokens kept")
     g = p.add_argument_group("optimisation (model card defaults)")
-    g.add_argument("--batch-size", type=positive_int, default=defaults["batch_size"], help="windows per optimizer step, all GPUs together")
+    stage_note = (lambda k: f" (intermediate: {INTERMEDIATE_DEFAULTS[k]})") if distill else (lambda k: "")
+    g.add_argument("--batch-size", type=positive_int, default=defaults["batch_size"],
+                   help="windows per optimizer step, all GPUs together" + stage_note("batch_size"))
     g.add_argument("--grad-accum", type=positive_int, default=1, help="micro-batches per optimizer step (per process)")
-    g.add_argument("--epochs", type=positive_int, default=defaults["epochs"], help="passes over the training windows")
-    g.add_argument("--lr", type=learning_rate, default=defaults["lr"], help="peak learning rate")
+    g.add_argument("--epochs", type=positive_int, default=defaults["epochs"],
+                   help="passes over the training windows" + stage_note("epochs"))
+    g.add_argument("--lr", type=learning_rate, default=defaults["lr"], help="peak learning rate" + stage_note("lr"))
     g.add_argument("--warmup-proportion", type=unit_float, default=defaults["warmup_proportion"],
-                   help="fraction of the optimizer steps spent warming the lr up linearly from 0")
+                   help="fraction of the optimizer steps spent warming the lr up linearly from 0"
+                        + stage_note("warmup_proportion"))
     g.add_argument("--weight-decay", type=nonneg_float, default=0.01, help="AdamW weight decay (none on biases, LayerNorm)")
     g.add_argument("--max-grad-norm", type=positive_float, default=1.0, help="gradient clipping norm")
     g.add_argument("--seed", type=seed_int, default=42, help="seed of init, data order and dropout")
@@ -141,8 +171,19 @@ def build_parser(distill: bool, defaults: dict = None, description: str = "") ->
                        help="folder of cached teacher logits (default: $TINYQA_CACHE/teacher-logits, else "
                             "~/.cache/tinyqa/teacher-logits)")
         g.add_argument("--teacher-batch-size", type=positive_int, default=64, help="windows per teacher forward pass")
+        g = p.add_argument_group("intermediate stage (TinyBERT; loss = e * L_embedding + h * sum L_hidden + "
+                                 "a * sum L_attention over the mapped layers)")
+        g.add_argument("--layer-map", type=parse_layer_map, default=None, metavar="T1,T2,...",
+                       help="the 1-based teacher layer each student layer learns from, hidden state and attention "
+                            "(default: uniform, layers k, 2k, ... with k = teacher layers / student layers)")
+        g.add_argument("--embedding-loss-weight", type=nonneg_float, default=1.0, help="e: MSE of the embedding outputs")
+        g.add_argument("--hidden-loss-weight", type=nonneg_float, default=1.0,
+                       help="h: MSE of the mapped hidden states (the student's projected to the teacher's width)")
+        g.add_argument("--attention-loss-weight", type=nonneg_float, default=1.0,
+                       help="a: MSE of the mapped layers' pre-softmax attention scores")
     g = p.add_argument_group("checkpoints and logging")
-    g.add_argument("--out", default=defaults["out"], help="output folder: final model, checkpoints, log.jsonl")
+    g.add_argument("--out", default=defaults["out"], help="output folder: final model, checkpoints, log.jsonl"
+                   + (f" (intermediate: {INTERMEDIATE_DEFAULTS['out']})" if distill else ""))
     g.add_argument("--save-every", type=nonneg_int, default=1000, help="checkpoint every N optimizer steps (0: only at the end)")
     g.add_argument("--resume", metavar="CHECKPOINT_DIR",
                    help="continue a run from one of its checkpoints, in that run's folder and with its settings")
@@ -172,7 +213,8 @@ def param_groups(model, weight_decay):
     """Weight decay on matrices only: biases and LayerNorm parameters are not shrunk (as in BERT)."""
     decay, no_decay = [], []
     for name, p in model.named_parameters():
-        (no_decay if name.endswith(".bias") or ".ln" in name else decay).append(p)
+        if p.requires_grad:  # (the intermediate stage freezes the QA head)
+            (no_decay if name.endswith(".bias") or ".ln" in name else decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
@@ -200,22 +242,55 @@ def read_training_examples(files, limit, skip_bad, log):
     return examples
 
 
+# What each stage's loss is made of, logged beside "loss" in log.jsonl.
+LOSS_PARTS = {"finetune": ("ce_loss",), "prediction": ("kd_loss", "ce_loss"),
+              "intermediate": ("embedding_loss", "hidden_loss", "attention_loss")}
+# Flags that only one distillation stage reads: naming one in the other stage is refused, not ignored.
+STAGE_FLAGS = {"prediction": ("distillation_loss_weight", "temperature", "teacher_on_the_fly", "teacher_cache",
+                              "teacher_batch_size"),
+               "intermediate": ("layer_map", "embedding_loss_weight", "hidden_loss_weight", "attention_loss_weight")}
+
+
+def stage_of(args) -> str:
+    return getattr(args, "stage", "prediction") if args.distill else "finetune"
+
+
 def diverged(step, first, sums, args, last_checkpoint):
     """The error for a loss that is NaN or infinite, naming the flags that usually cause it. At a run's first
     step no update has happened yet, so there the learning rate cannot be the cause."""
     flag = "--init-config" if args.init_config else "--student" if args.distill else "--model"
     causes = [f"the initial weights ({flag})" if first else f"--lr {args.lr} too high"]
-    if args.distill:
+    if stage_of(args) == "prediction":
         causes.append(f"--temperature {args.temperature} too small")
     if args.precision == "fp16" and args.device.startswith("cuda"):
         causes.append("--precision fp16 overflowing (use bf16 or fp32)")
-    loss, kd, ce = (f"{x:.4g}" for x in sums.tolist())
-    return TinyQAError(f"step {step}: the loss is {loss} (kd {kd}, ce {ce}): training diverged and was stopped "
+    parts = ", ".join(f"{name} {x:.4g}" for name, x in zip(LOSS_PARTS[stage_of(args)], sums[1:].tolist()))
+    return TinyQAError(f"step {step}: the loss is {sums[0].item():.4g} ({parts}): training diverged and was stopped "
                        f"before the weights were changed; likely {', or '.join(causes)}. "
                        f"{'Last checkpoint: ' + last_checkpoint if last_checkpoint else 'No checkpoint was saved'}")
 
 
 # --- before any work
+
+def apply_stage(args):
+    """A new distillation run: the intermediate stage's defaults where the command line named nothing, and
+    flags that the chosen stage would not read refused (a silently ignored --temperature misleads)."""
+    if not args.distill:
+        return
+    given = set(getattr(args, "given", None) or ())
+    for stage, names in STAGE_FLAGS.items():
+        wrong = [n for n in names if n in given and stage != args.stage]
+        if wrong:
+            raise TinyQAError(f"--{wrong[0].replace('_', '-')} is read by --stage {stage} only, and this run is "
+                              f"--stage {args.stage}: drop it, or change --stage")
+    if args.stage == "intermediate":
+        for k, v in INTERMEDIATE_DEFAULTS.items():
+            if k not in given:
+                setattr(args, k, v)
+    if args.student_layers and ("student" in given or args.init_config):
+        raise TinyQAError("--student-layers makes the student from the teacher's layers: drop "
+                          f"{'--student' if 'student' in given else '--init-config'}, or --student-layers")
+
 
 def check_run(args, distill):
     """Every check that needs neither weights nor training data, so a mistake costs seconds, not a teacher
@@ -230,6 +305,7 @@ def check_run(args, distill):
     if not args.resume:
         check_fresh_out(args.out, args.overwrite)
     flag, name = ("--student", args.student) if distill else ("--model", args.model)
+    from_teacher = distill and args.student_layers and not args.resume
 
     def resolve(name, flag, **what):
         if flag == "--model" and name == FINETUNE_CARD["model"] and not os.path.isdir(name):
@@ -238,36 +314,50 @@ def check_run(args, distill):
         return resolve_dir(name, flag=flag, **what)
 
     dirs = {"init": args.resume}  # on --resume, the weights and the tokenizer come from the checkpoint
-    if not args.resume and not args.init_config:
-        dirs["init"] = resolve(name, flag, model=True, tokenizer=False)
-    tok_flag, tok_name = ("--tokenizer", args.tokenizer) if args.tokenizer else (flag, name)
-    dirs["tokenizer"] = args.resume or resolve(tok_name, tok_flag, model=False, tokenizer=True)
     if distill:
         dirs["teacher"] = resolve_dir(args.teacher, model=True, tokenizer=True, flag="--teacher")
+    if not args.resume and not args.init_config and not from_teacher:
+        dirs["init"] = resolve(name, flag, model=True, tokenizer=False)
+    if args.resume:
+        dirs["tokenizer"] = args.resume
+    elif args.tokenizer:
+        dirs["tokenizer"] = resolve(args.tokenizer, "--tokenizer", model=False, tokenizer=True)
+    elif from_teacher:  # a student made of the teacher's layers speaks the teacher's tokenizer
+        dirs["tokenizer"] = dirs["teacher"]
+    else:
+        dirs["tokenizer"] = resolve(name, flag, model=False, tokenizer=True)
     return dirs
 
 
 def check_models(args, dirs, distill):
-    """The trained model's config and tokenizer, checked against the windows and each other (and the teacher)."""
+    """The trained model's config and tokenizer, checked against the windows and each other (and the
+    teacher); in the intermediate stage also the layer map. Returns (config, tokenizer, layer map or None)."""
+    teacher_cfg = load_model_config(dirs["teacher"]) if distill else None
     if dirs["init"]:
         cfg = load_model_config(dirs["init"])
-    else:
+    elif args.init_config:
         try:
             cfg = EncoderConfig.from_json(args.init_config)  # any family, from its model_type
         except (OSError, UnicodeDecodeError, ValueError, TypeError) as e:
             raise TinyQAError(f"--init-config {args.init_config}: {e}")
+    else:  # --student-layers: the teacher's config with fewer layers
+        uniform_layer_map(teacher_cfg.num_hidden_layers, args.student_layers, " (--student-layers)")  # or refused
+        cfg = replace(teacher_cfg, num_hidden_layers=args.student_layers)
     tokenizer = load_tokenizer(dirs["tokenizer"])
     # now that the tokenizer says how many special tokens a window has: the exact room for context
     check_featurizer(args.max_seq_len, args.doc_stride, args.max_query_length, pair_layout(tokenizer).n_special)
     check_model_fits(cfg, tokenizer, args.max_seq_len, "the trained model")  # window, vocabulary, pad id, types
+    layer_map = None
     if distill:
         # Teacher and student may be of different families (BERT -> ELECTRA, ...) as long as they share a tokenizer.
-        check_model_fits(load_model_config(dirs["teacher"]), tokenizer, args.max_seq_len, f"the teacher {args.teacher}")
+        check_model_fits(teacher_cfg, tokenizer, args.max_seq_len, f"the teacher {args.teacher}")
         if tokenizer_fingerprint(load_tokenizer(dirs["teacher"])) != tokenizer_fingerprint(tokenizer):
             init = args.tokenizer or args.student
             raise TinyQAError(f"teacher {args.teacher} and student {init} do not share a tokenizer: distillation "
                               "compares logits position by position, so both must tokenize identically")
-    return cfg, tokenizer
+        if stage_of(args) == "intermediate":
+            layer_map = check_layer_map(teacher_cfg, cfg, args.layer_map)
+    return cfg, tokenizer, layer_map
 
 
 def build_model(args, cfg, dirs, master):
@@ -277,9 +367,29 @@ def build_model(args, cfg, dirs, master):
     if args.init_config:
         return EncoderForQA(cfg), {"weights": f"random, seed {args.seed}", "config": os.path.abspath(args.init_config),
                                    "tokenizer": os.path.abspath(dirs["tokenizer"])}
+    if args.distill and args.student_layers:
+        model, layers = student_from_teacher_layers(load_model(dirs["teacher"], verbose=False), args.student_layers)
+        return model, {"weights": f"the teacher's embeddings, layers {layers} (1-based) and QA head",
+                       "teacher": os.path.abspath(dirs["teacher"]), "tokenizer": os.path.abspath(dirs["tokenizer"])}
     name = args.student if args.distill else args.model
     return load_model(dirs["init"], verbose=master), {"weights": os.path.abspath(dirs["init"]), "name": name,
                                                       "tokenizer": os.path.abspath(dirs["tokenizer"])}
+
+
+def setup_distributed(args):
+    """(world, rank, device): torchrun sets WORLD_SIZE / RANK / LOCAL_RANK; nccl on GPUs, gloo on CPUs."""
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    rank = int(os.environ.get("RANK", 0))
+    device = args.device
+    if world > 1:
+        cuda = device.startswith("cuda")
+        if cuda:
+            device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if cuda else "gloo")
+    if args.batch_size % world:
+        raise TinyQAError(f"--batch-size {args.batch_size} is not divisible by the {world} processes")
+    return world, rank, device
 
 
 def teacher_logits(args, train_files, teacher_dir, features, tokenizer, fcfg, device, autocast, amp_dtype, master,
@@ -309,24 +419,120 @@ def teacher_logits(args, train_files, teacher_dir, features, tokenizer, fcfg, de
     return teacher_cache.TeacherCache(folder, features)
 
 
+# --- what one micro-batch optimises, per stage
+
+class TeacherClock:
+    """Seconds spent in the teacher's forward passes (the intermediate stage runs it per batch): reported
+    with the peak memory at the end of the run and per step in log.jsonl."""
+
+    def __init__(self, device):
+        self.cuda, self.seconds, self.step_seconds = torch.device(device).type == "cuda", 0.0, 0.0
+
+    def __enter__(self):
+        if self.cuda:
+            torch.cuda.synchronize()
+        self.t = time.perf_counter()
+
+    def __exit__(self, *exc):
+        if self.cuda:
+            torch.cuda.synchronize()
+        dt = time.perf_counter() - self.t
+        self.seconds += dt
+        self.step_seconds += dt
+
+
+def make_objective(args, stage, teacher, cache, layer_map, clock):
+    """loss_fn(model, batch, idx) -> (loss, parts): the loss of one micro-batch of this stage, and its
+    parts (LOSS_PARTS[stage]) as a 1-d tensor for the log."""
+    def span(model, b, idx):
+        out = model(b["input_ids"], b["attention_mask"], b["token_type_ids"])
+        ce = span_ce_loss(out.start_logits, out.end_logits, b["start_positions"], b["end_positions"],
+                          b["attention_mask"])
+        return ce, ce[None]
+
+    def prediction(model, b, idx):
+        out = model(b["input_ids"], b["attention_mask"], b["token_type_ids"])
+        if cache is not None:
+            t_start, t_end = (x.to(out.start_logits.device) for x in cache.batch(idx, b["input_ids"].shape[1]))
+        else:
+            with torch.no_grad():
+                t_out = teacher(b["input_ids"], b["attention_mask"], b["token_type_ids"])
+            t_start, t_end = t_out.start_logits, t_out.end_logits
+        loss, kd, ce = distillation_loss(out.start_logits, out.end_logits, t_start, t_end, b["start_positions"],
+                                         b["end_positions"], b["attention_mask"], args.distillation_loss_weight,
+                                         args.temperature)
+        return loss, torch.stack([kd, ce])
+
+    def intermediate(model, b, idx):  # model: the ProjectedStudent (inside DDP)
+        with clock:
+            t_hidden, t_scores = teacher_targets(teacher, layer_map, b["input_ids"], b["attention_mask"],
+                                                 b["token_type_ids"])
+        s_hidden, s_scores = model(b["input_ids"], b["attention_mask"], b["token_type_ids"])
+        weights = (args.embedding_loss_weight, args.hidden_loss_weight, args.attention_loss_weight)
+        loss, emb, hid, att = intermediate_loss(s_hidden, t_hidden, s_scores, t_scores, b["attention_mask"], weights)
+        return loss, torch.stack([emb, hid, att])
+
+    return {"finetune": span, "prediction": prediction, "intermediate": intermediate}[stage]
+
+
+def forward_backward(args, ddp, scaler, autocast, features, global_idx, rank, world, device, loss_fn, n_parts):
+    """Forward and backward of one optimizer step's windows (this rank's share, in --grad-accum micro-
+    batches); returns the step's (loss, *parts), weighted by each micro-batch's share of the batch."""
+    rank_idx = global_idx[rank::world]
+    micro = [rank_idx[j::args.grad_accum] for j in range(args.grad_accum)]
+    sums = torch.zeros(1 + n_parts)  # the loss and its parts: weighted sums for logging
+    for j, idx in enumerate(micro):
+        # A process with nothing left in the last batch still runs a zero-weighted pass: DDP needs
+        # every rank to reach the same all-reduces.
+        weight = len(idx) / len(global_idx) * world
+        idx = idx or global_idx[:1]
+        batch = collate([features[i] for i in idx], with_labels=True, pad_id=ddp_config(ddp).pad_token_id)
+        batch = {k: v.to(device) for k, v in batch.items()}
+        sync = ddp.no_sync() if world > 1 and j < len(micro) - 1 else nullcontext()
+        with sync:
+            with autocast:
+                loss, parts = loss_fn(ddp, batch, idx)
+            scaler.scale(loss * weight).backward()
+        sums += torch.cat([loss.detach()[None], parts.detach()]).float().cpu() * weight / world
+    return sums
+
+
+def ddp_config(ddp):
+    """The config of the model inside a DistributedDataParallel wrapper, or of the model itself."""
+    return getattr(ddp, "module", ddp).config
+
+
+def stop_requested(stop, world):
+    """Whether Ctrl-C / SIGTERM arrived; with DDP, on any rank (every rank must checkpoint at the same step)."""
+    flag = torch.tensor([stop.received is not None], dtype=torch.int32)
+    if world > 1:
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return bool(flag.item())
+
+
+def peak_memory(device) -> str:
+    if torch.device(device).type == "cuda":
+        return f"{torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB on {device}"
+    try:
+        with open("/proc/self/status") as f:  # VmHWM: this process's peak resident memory
+            kb = next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
+        return f"{kb / 2**20:.2f} GiB resident (VmHWM)"
+    except (OSError, StopIteration):
+        return "unknown"
+
+
 # --- the loop
 
 def train(args):
     distill = args.distill
     if args.resume:
         args = resume_args(args)
+    else:
+        apply_stage(args)
+    stage = stage_of(args)
     dirs = check_run(args, distill)
-    cfg, tokenizer = check_models(args, dirs, distill)
-    # --- distributed: torchrun sets WORLD_SIZE / RANK / LOCAL_RANK
-    world = int(os.environ.get("WORLD_SIZE", 1))
-    rank = int(os.environ.get("RANK", 0))
-    device = args.device
-    if world > 1:
-        cuda = device.startswith("cuda")
-        if cuda:
-            device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
-            torch.cuda.set_device(device)
-        dist.init_process_group("nccl" if cuda else "gloo")
+    cfg, tokenizer, layer_map = check_models(args, dirs, distill)
+    world, rank, device = setup_distributed(args)
     master = rank == 0
     log = print if master else (lambda *a, **k: None)
     use_cuda = device.startswith("cuda")
@@ -335,8 +541,6 @@ def train(args):
         log(f"notice: --precision {args.precision} applies on CUDA only; training in fp32 on {device}")
         amp_dtype = None
     autocast = torch.autocast("cuda", dtype=amp_dtype) if amp_dtype else nullcontext()
-    if args.batch_size % world:
-        raise TinyQAError(f"--batch-size {args.batch_size} is not divisible by the {world} processes")
     eval_examples = None
     if args.eval_data:  # read now: a bad file fails here, not after the first epoch
         eval_examples = [ex for _, _, exs in read_files(args.eval_data, skip_bad=args.skip_bad, flag="--eval-data")
@@ -348,6 +552,12 @@ def train(args):
     np.random.seed(args.seed)
     model, args.init = build_model(args, cfg, dirs, master)
     model.float().to(device).train()
+    trained = model  # what the optimizer and DDP see: the intermediate stage adds TinyBERT's projection
+    if stage == "intermediate":
+        # The QA head takes no part in this stage's loss: frozen, so that it is neither decayed nor left
+        # without a gradient for DDP to wait on. The prediction-layer stage trains it.
+        model.qa_outputs.requires_grad_(False)
+        trained = ProjectedStudent(model, load_model_config(dirs["teacher"]).hidden_size).to(device)
 
     # --- data
     train_files = args.train or split_files("train", progress=master and not args.quiet, flag="--train")
@@ -360,17 +570,22 @@ def train(args):
     teacher = cache = None
     if distill:
         with torch.random.fork_rng(devices=[torch.cuda.current_device()] if use_cuda else []):
-            if args.teacher_on_the_fly:
+            if args.stage == "intermediate" or args.teacher_on_the_fly:
                 teacher = load_model(dirs["teacher"], device=device, verbose=master)
             else:
                 cache = teacher_logits(args, train_files, dirs["teacher"], features, tokenizer, fcfg, device,
                                        autocast, amp_dtype, master, world, log)
+    clock = TeacherClock(device)
+    loss_fn = make_objective(args, stage, teacher, cache, layer_map, clock)
+    if layer_map:
+        log(f"intermediate stage: student layers 1..{len(layer_map)} learn teacher layers {layer_map}; projection "
+            f"{'Linear(%d, %d)' % (cfg.hidden_size, teacher.config.hidden_size) if cfg.hidden_size != teacher.config.hidden_size else 'none (same width)'}")
 
     # --- optimizer and schedule
     steps_per_epoch = math.ceil(len(features) / args.batch_size)
     total_steps = steps_per_epoch * args.epochs
     warmup_steps = int(args.warmup_proportion * total_steps)
-    optimizer = torch.optim.AdamW(param_groups(model, args.weight_decay), lr=args.lr, betas=(0.9, 0.999), eps=1e-8)
+    optimizer = torch.optim.AdamW(param_groups(trained, args.weight_decay), lr=args.lr, betas=(0.9, 0.999), eps=1e-8)
     scheduler = LambdaLR(optimizer, get_lr_lambda(warmup_steps, total_steps))
     scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
     start_step = 0
@@ -379,13 +594,15 @@ def train(args):
         if state["n_features"] != len(features):
             raise TinyQAError(f"{args.resume}: the checkpoint was trained on {state['n_features']} windows but the "
                               f"data now gives {len(features)}: resume with the same --train files and settings")
+        if trained is not model:
+            trained.project.load_state_dict(state["projection"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         scaler.load_state_dict(state["scaler"])
         set_rng_states(state["rng"][rank] if rank < len(state["rng"]) else state["rng"][0])
         start_step = state["step"]
         log(f"resuming at step {start_step} of {total_steps} in {args.out}")
-    ddp = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
+    ddp = torch.nn.parallel.DistributedDataParallel(trained) if world > 1 else trained
     saved = {"last": args.resume}
 
     def checkpoint(step):
@@ -397,6 +614,8 @@ def train(args):
             all_rng = [rng_states()]
         state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                  "scaler": scaler.state_dict(), "rng": all_rng, "step": step, "n_features": len(features)}
+        if trained is not model:  # TinyBERT's projection: trained, but not part of the saved student
+            state["projection"] = trained.project.state_dict()
         folder = os.path.join(args.out, f"checkpoint-{step}")
         if master:
             save_checkpoint(folder, model, tokenizer, args, state)
@@ -415,7 +634,8 @@ def train(args):
     bar = tqdm(total=total_steps, initial=start_step, desc="distill" if distill else "finetune",
                disable=not master or args.quiet)
     order, order_epoch = None, -1
-    t_last, n_last = time.perf_counter(), 0
+    t_start = t_last = time.perf_counter()
+    n_last = 0
     try:
         with StopSignal() as stop:
             for step in range(start_step, total_steps):
@@ -424,13 +644,13 @@ def train(args):
                     order, order_epoch = epoch_order(args.seed, epoch, len(features)), epoch
                 global_idx = order[pos * args.batch_size:(pos + 1) * args.batch_size]
                 sums = forward_backward(args, ddp, scaler, autocast, features, global_idx, rank, world, device,
-                                        teacher, cache)
+                                        loss_fn, len(LOSS_PARTS[stage]))
                 if world > 1:
                     dist.all_reduce(sums)
                 if not torch.isfinite(sums).all():  # before the optimizer step: the weights stay as they were
                     raise diverged(step + 1, step == 0, sums, args, saved["last"])
                 scaler.unscale_(optimizer)
-                grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+                grad_norm = torch.nn.utils.clip_grad_norm_(trained.parameters(), args.max_grad_norm)
                 if not scaler.is_enabled() and not torch.isfinite(grad_norm):  # fp16's scaler skips such steps
                     raise diverged(step + 1, step == 0, sums, args, saved["last"])
                 scaler.step(optimizer)
@@ -443,13 +663,15 @@ def train(args):
                 # --- logging, checkpoints, evaluation, stopping
                 if master:
                     now = time.perf_counter()
-                    row = {"step": step + 1, "loss": round(sums[0].item(), 5), "kd_loss": round(sums[1].item(), 5),
-                           "ce_loss": round(sums[2].item(), 5), "lr": lr,
-                           "examples_per_s": round(n_last / (now - t_last), 2)}
+                    row = {"step": step + 1, "loss": round(sums[0].item(), 5),
+                           **{name: round(x, 5) for name, x in zip(LOSS_PARTS[stage], sums[1:].tolist())},
+                           "lr": lr, "examples_per_s": round(n_last / (now - t_last), 2)}
+                    if teacher is not None:
+                        row["teacher_s"] = round(clock.step_seconds, 4)
                     log_file.write(row)
-                    t_last, n_last = now, 0
-                    bar.set_postfix(loss=f"{row['loss']:.3f}", kd=f"{row['kd_loss']:.3f}", ce=f"{row['ce_loss']:.3f}",
-                                    lr=f"{lr:.2e}")
+                    t_last, n_last, clock.step_seconds = now, 0, 0.0
+                    bar.set_postfix(loss=f"{row['loss']:.3f}", lr=f"{lr:.2e}",
+                                    **{name.removesuffix("_loss"): f"{row[name]:.3f}" for name in LOSS_PARTS[stage]})
                     bar.update(1)
                 last = step + 1 == total_steps
                 if args.save_every and (step + 1) % args.save_every == 0 and not last:
@@ -474,60 +696,14 @@ def train(args):
         bar.close()
         if log_file:
             log_file.close()
+    if stage == "intermediate" and master:
+        total = time.perf_counter() - t_start
+        log(f"teacher forward passes: {clock.seconds:.1f} s of {total:.1f} s ({100 * clock.seconds / max(total, 1e-9):.0f}%); "
+            f"peak memory {peak_memory(device)}")
     if world > 1:
         dist.barrier()
         dist.destroy_process_group()
     return model
-
-
-def stop_requested(stop, world):
-    """Whether Ctrl-C / SIGTERM arrived; with DDP, on any rank (every rank must checkpoint at the same step)."""
-    flag = torch.tensor([stop.received is not None], dtype=torch.int32)
-    if world > 1:
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-    return bool(flag.item())
-
-
-def ddp_config(ddp):
-    """The config of the model inside a DistributedDataParallel wrapper, or of the model itself."""
-    return getattr(ddp, "module", ddp).config
-
-
-def forward_backward(args, ddp, scaler, autocast, features, global_idx, rank, world, device, teacher, cache):
-    """Forward and backward of one optimizer step's windows (this rank's share, in --grad-accum micro-
-    batches); returns the step's (loss, kd, ce), weighted by each micro-batch's share of the batch."""
-    rank_idx = global_idx[rank::world]
-    micro = [rank_idx[j::args.grad_accum] for j in range(args.grad_accum)]
-    sums = torch.zeros(3)  # loss, kd, ce: weighted sums for logging
-    for j, idx in enumerate(micro):
-        # A process with nothing left in the last batch still runs a zero-weighted pass: DDP needs
-        # every rank to reach the same all-reduces.
-        weight = len(idx) / len(global_idx) * world
-        idx = idx or global_idx[:1]
-        batch = collate([features[i] for i in idx], with_labels=True, pad_id=ddp_config(ddp).pad_token_id)
-        batch = {k: v.to(device) for k, v in batch.items()}
-        sync = ddp.no_sync() if world > 1 and j < len(micro) - 1 else nullcontext()
-        with sync:
-            with autocast:
-                out = ddp(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"])
-            if args.distill:
-                if cache is not None:
-                    t_start, t_end = (x.to(device) for x in cache.batch(idx, batch["input_ids"].shape[1]))
-                else:
-                    with torch.inference_mode(), autocast:
-                        t_out = teacher(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"])
-                    t_start, t_end = t_out.start_logits.clone(), t_out.end_logits.clone()
-                loss, kd, ce = distillation_loss(out.start_logits, out.end_logits, t_start, t_end,
-                                                 batch["start_positions"], batch["end_positions"],
-                                                 batch["attention_mask"], args.distillation_loss_weight,
-                                                 args.temperature)
-            else:
-                loss = ce = span_ce_loss(out.start_logits, out.end_logits, batch["start_positions"],
-                                         batch["end_positions"], batch["attention_mask"])
-                kd = torch.zeros(())
-            scaler.scale(loss * weight).backward()
-        sums += torch.stack([loss.detach(), kd.detach(), ce.detach()]).float().cpu() * weight / world
-    return sums
 
 
 def evaluate_epoch(model, tokenizer, examples, fcfg, device, epoch, log, log_file):

@@ -51,6 +51,7 @@ ALIASES = {
     "tinyroberta-squad2-step1": "deepset/tinyroberta-squad2-step1",
     "roberta-base-squad2": "deepset/roberta-base-squad2",
     "roberta-large-squad2": "deepset/roberta-large-squad2",
+    "tinyroberta-6l-768d": "deepset/tinyroberta-6l-768d",  # general-distilled; where step1 started
 }
 
 # The card's model-family table: (row, alias, eval EM, eval F1, test EM, test F1); macro averages over
