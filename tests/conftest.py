@@ -118,6 +118,50 @@ def squad_pairs(squad_path):
     return pairs
 
 
+# --- generated training data and a trained teacher, shared by the training tests (test_train, test_intermediate)
+
+@pytest.fixture(scope="session")
+def synth(tmp_path_factory):
+    """A synthetic MRQA train (300 contexts) and dev (40) file, a BPE trained on the train text, and three
+    model configs on its vocabulary: teacher 2 x 128, student 1 x 64, a 1 x 32 with dropout on (4 heads each)."""
+    import json
+    from tinyqa.synthetic import make_dataset, train_tokenizer, write_mrqa
+    from tinyqa.tokenizer import save_tokenizer
+    d = tmp_path_factory.mktemp("synth")
+    train_rows, dev_rows = make_dataset(300, seed=1), make_dataset(40, seed=2, split="dev")
+    write_mrqa(d / "train.jsonl.gz", train_rows)
+    write_mrqa(d / "dev.jsonl.gz", dev_rows, split="dev")
+    tok = train_tokenizer([r["context"] for r in train_rows] + [q["question"] for r in train_rows for q in r["qas"]], 1200)
+    (d / "tok").mkdir()
+    save_tokenizer(tok, d / "tok")
+
+    def config(name, layers, hidden, dropout=0.0):
+        cfg = dict(vocab_size=tok.get_vocab_size(), hidden_size=hidden, num_hidden_layers=layers,
+                   num_attention_heads=4, intermediate_size=2 * hidden, max_position_embeddings=130,
+                   hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout)
+        (d / name).write_text(json.dumps(cfg))
+        return str(d / name)
+    return {"dir": d, "train": str(d / "train.jsonl.gz"), "dev": str(d / "dev.jsonl.gz"), "tok": str(d / "tok"),
+            "teacher_cfg": config("teacher.json", 2, 128), "student_cfg": config("student.json", 1, 64),
+            "dropout_cfg": config("dropout.json", 1, 32, dropout=0.1)}
+
+
+def synth_args(synth, out, *extra):
+    """The training flags every test run on `synth` shares: its files, 128-token windows, no checkpoints."""
+    return ["--train", synth["train"], "--tokenizer", synth["tok"], "--max-seq-len", "128", "--doc-stride", "32",
+            "--out", str(out), "--quiet", "--save-every", "0", *extra]
+
+
+@pytest.fixture(scope="session")
+def teacher(synth):
+    """A 2 x 128 teacher fine-tuned from random weights on synth's train file (dev F1 about 31)."""
+    from tinyqa.train import build_parser, train
+    out = synth["dir"] / "teacher"
+    train(build_parser(False).parse_args(synth_args(synth, out, "--init-config", synth["teacher_cfg"], "--epochs", "6",
+                                                    "--batch-size", "32", "--lr", "2e-3", "--warmup-proportion", "0.1")))
+    return out
+
+
 def assert_close(actual, expected, atol, what=""):
     """torch.testing-style check that always reports the max and mean absolute difference."""
     actual, expected = actual.detach().float().cpu(), expected.detach().float().cpu()

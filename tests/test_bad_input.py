@@ -128,6 +128,7 @@ def world(tmp_path_factory):
                max_position_embeddings=130, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
     (w / "cfg.json").write_text(json.dumps(cfg))
     (w / "cfg-inf.json").write_text(json.dumps({**cfg, "initializer_range": 1e30}))  # logits overflow at once
+    (w / "cfg-4heads.json").write_text(json.dumps({**cfg, "num_attention_heads": 4}))  # not the teacher's 2
     torch.manual_seed(0)
     save_pretrained(RobertaForQA(RobertaConfig(**cfg)), w / "model", tokenizer=tok)
     (w / "model" / "args.json").write_text(json.dumps({"max_seq_len": 128, "doc_stride": 32, "max_query_length": 64}))
@@ -246,6 +247,7 @@ F = f"--train {{w}}/train.jsonl.gz --init-config {{w}}/cfg.json --tokenizer {{w}
 F_MODEL = f"--train {{w}}/train.jsonl.gz --tokenizer {{w}}/tok {WIN} --batch-size 8 --epochs 1 --save-every 0 --quiet " \
           "--device cpu --out {o}/run"  # without --init-config: the weights come from --model / --student
 D = F + " --teacher {w}/model --teacher-cache {o}/tcache"
+DI = F + " --teacher {w}/model --stage intermediate"
 A = "--model {w}/model --question Where? --context Oslo"
 UNREACHABLE_HUB = (("HF_ENDPOINT", "http://127.0.0.1:9"), ("HF_HOME", "{o}/hf"))
 
@@ -363,6 +365,21 @@ CASES = [
          may_create=("tcache",)),
     Case("distill-resume-finetune-checkpoint", "distill", "--resume {w}/ft-run/checkpoint-1 --quiet",
          ("fine-tuning checkpoint", "train_finetune.py")),
+    # train_distill.py --stage intermediate (TinyBERT's first stage) and --student-layers
+    *[Case(f"distill{f}={v}", "distill", f"{DI} {f} {v}", (f"argument {f}",), flag_range=True)
+      for f, v in (("--layer-map", "0"), ("--layer-map", "2,x"), ("--hidden-loss-weight", "-1"),
+                   ("--attention-loss-weight", "nan"), ("--stage", "both"), ("--student-layers", "0"))],
+    Case("distill-intermediate-temperature", "distill", f"{DI} --temperature 2",
+         ("--temperature", "--stage prediction only")),
+    Case("distill-intermediate-teacher-cache", "distill", f"{DI} --teacher-cache {{o}}/c", ("--teacher-cache",)),
+    Case("distill-prediction-layer-map", "distill", f"{D} --layer-map 1", ("--layer-map", "--stage intermediate only")),
+    Case("distill-layer-map-count", "distill", f"{DI} --layer-map 1,1", ("names 2 teacher layers", "student has 1")),
+    Case("distill-layer-map-beyond-teacher", "distill", f"{DI} --layer-map 2", ("the teacher has only 1 layer",)),
+    Case("distill-intermediate-heads-differ", "distill", f"{DI} --init-config {{w}}/cfg-4heads.json",
+         ("2 attention heads", "student 4", "head by head")),
+    Case("distill-student-layers-not-dividing", "distill", f"{F_MODEL} --teacher {{w}}/model --student-layers 2",
+         ("1 layer cannot be split evenly among 2", "--student-layers")),
+    Case("distill-student-layers-and-init-config", "distill", f"{D} --student-layers 1", ("drop --init-config",)),
 
     # python -m tinyqa answer (the bad input it has today)
     Case("answer-model-missing", "answer", f"{A} --model ./nope", ("./nope", "no such directory"), sub=True),

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 import torch
-from conftest import ROOT
+from conftest import ROOT, synth_args
 from safetensors.torch import load_file, save_file
 
 from tinyqa import TinyQAError, load_model
@@ -107,32 +107,9 @@ def test_linear_warmup_schedule():
     assert all(a >= b for a, b in zip(lrs[warmup:], lrs[warmup + 1:]))
 
 
-# --- the loop, on generated data
+# --- the loop, on generated data (the synth and teacher fixtures are in conftest.py)
 
-@pytest.fixture(scope="module")
-def synth(tmp_path_factory):
-    d = tmp_path_factory.mktemp("synth")
-    train_rows, dev_rows = make_dataset(300, seed=1), make_dataset(40, seed=2, split="dev")
-    write_mrqa(d / "train.jsonl.gz", train_rows)
-    write_mrqa(d / "dev.jsonl.gz", dev_rows, split="dev")
-    tok = train_tokenizer([r["context"] for r in train_rows] + [q["question"] for r in train_rows for q in r["qas"]], 1200)
-    (d / "tok").mkdir()
-    save_tokenizer(tok, d / "tok")
-
-    def config(name, layers, hidden, dropout=0.0):
-        cfg = dict(vocab_size=tok.get_vocab_size(), hidden_size=hidden, num_hidden_layers=layers,
-                   num_attention_heads=4, intermediate_size=2 * hidden, max_position_embeddings=130,
-                   hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout)
-        (d / name).write_text(json.dumps(cfg))
-        return str(d / name)
-    return {"dir": d, "train": str(d / "train.jsonl.gz"), "dev": str(d / "dev.jsonl.gz"), "tok": str(d / "tok"),
-            "teacher_cfg": config("teacher.json", 2, 128), "student_cfg": config("student.json", 1, 64),
-            "dropout_cfg": config("dropout.json", 1, 32, dropout=0.1)}
-
-
-def common(synth, out, *extra):
-    return ["--train", synth["train"], "--tokenizer", synth["tok"], "--max-seq-len", "128", "--doc-stride", "32",
-            "--out", str(out), "--quiet", "--save-every", "0", *extra]
+common = synth_args
 
 
 def finetune_args(synth, out, *extra):
@@ -150,14 +127,6 @@ def dev_f1(model_dir, synth):
     exs = list(read_mrqa(synth["dev"]))
     preds = predict(model, load_tokenizer(str(model_dir)), exs, FeaturizerConfig(128, 32), batch_size=32)
     return score({q: p.text for q, p in preds.items()}, exs)["f1"]
-
-
-@pytest.fixture(scope="module")
-def teacher(synth):
-    out = synth["dir"] / "teacher"
-    train(finetune_args(synth, out, "--init-config", synth["teacher_cfg"], "--epochs", "6", "--batch-size", "32",
-                        "--lr", "2e-3", "--warmup-proportion", "0.1"))
-    return out
 
 
 def test_distillation_learns(synth, teacher):
