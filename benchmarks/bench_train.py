@@ -4,18 +4,22 @@
     python benchmarks/bench_train.py --device cuda --student-config ../shared/data/configs/tinyroberta.json \
         --teacher-config ../shared/data/configs/roberta-large.json --precision bf16 --max-seq-len 384
 
-Two comparisons, each alternated round by round so that machine noise hits both sides alike:
+Three comparisons, each alternated round by round so that machine noise hits both sides alike:
 1. distillation with the teacher's logits read from the float16 cache vs the teacher run per batch
    (--teacher-on-the-fly), both through tinyqa.train.train() itself on the same synthetic MRQA data,
-   timed by the loop's own examples/s log (the one-off cache computation is reported separately);
+   timed by the loop's own examples/s log (the one-off cache computation is reported separately), and the
+   intermediate stage (--stage intermediate: the teacher per batch with its hidden states and attention
+   scores), with the share of its time spent in the teacher;
 2. one optimizer step of tinyqa's RobertaForQA vs transformers' RobertaForQuestionAnswering (sdpa) with
-   the same weights, batch, loss (tinyqa.losses.distillation_loss) and AdamW.
+   the same weights, batch, loss (tinyqa.losses.distillation_loss) and AdamW;
+3. peak memory (VmHWM, or CUDA's max allocated) of each distillation variant, each run in its own process.
 The default student/teacher sizes keep tinyroberta/roberta-large's forward FLOPs ratio (about 7x).
 """
 import argparse
 import json
 import os
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -58,6 +62,13 @@ def loop_examples_per_s(log_path, skip=3):
     return float(np.median(rates))
 
 
+def loop_teacher_share(log_path, batch_size, skip=3):
+    """Median share of an intermediate-stage run's step time spent in the teacher: each log row has the
+    step's teacher seconds and examples/s, so the step took batch_size / examples_per_s seconds."""
+    rows = [json.loads(line) for line in open(log_path)][skip:]
+    return float(np.median([r["teacher_s"] * r["examples_per_s"] / batch_size for r in rows]))
+
+
 def main():
     args = get_args()
     work = tempfile.mkdtemp(prefix="tinyqa-bench-train-")
@@ -94,29 +105,37 @@ def main():
     common = ["--train", train_file, "--teacher", os.path.join(work, "teacher"), "--student",
               os.path.join(work, "student"), "--max-seq-len", str(args.max_seq_len), "--doc-stride",
               str(args.doc_stride), "--batch-size", str(args.batch_size), "--epochs", "1", "--save-every", "0",
-              "--stop-after", str(args.steps), "--device", args.device, "--precision", args.precision, "--quiet",
-              "--teacher-cache", os.path.join(work, "cache")]
+              "--stop-after", str(args.steps), "--device", args.device, "--precision", args.precision, "--quiet"]
+    cache = ["--teacher-cache", os.path.join(work, "cache")]
+    variants = {"cached": cache, "on the fly": [*cache, "--teacher-on-the-fly"], "intermediate": ["--stage", "intermediate"]}
+    teacher_share = {}
     with open(os.devnull, "w") as devnull:
         out, sys.stdout = sys.stdout, devnull  # train() talks; the table below is what counts
         try:
             t = time.perf_counter()
-            train(parser.parse_args([*common, "--out", os.path.join(work, "warm")]))  # computes the cache
+            train(parser.parse_args([*common, *cache, "--out", os.path.join(work, "warm")]))  # computes the cache
             first = time.perf_counter() - t
-            best = {"cached": 0.0, "on the fly": 0.0}
+            best = dict.fromkeys(variants, 0.0)
             for r in range(args.rounds):
-                for name, extra in (("cached", []), ("on the fly", ["--teacher-on-the-fly"])):
+                for name, extra in variants.items():
                     run_dir = os.path.join(work, f"run-{r}-{name.replace(' ', '')}")
                     train(parser.parse_args([*common, *extra, "--out", run_dir]))
                     best[name] = max(best[name], loop_examples_per_s(os.path.join(run_dir, "log.jsonl")))
+                    if name == "intermediate":
+                        teacher_share[r] = loop_teacher_share(os.path.join(run_dir, "log.jsonl"), args.batch_size)
         finally:
             sys.stdout = out
     feats = featurize(list(read_mrqa(train_file)), tok, FeaturizerConfig(args.max_seq_len, args.doc_stride),
                       with_offsets=False)
     print(f"\n1. distillation through train(), {args.steps} steps of {args.batch_size} windows, best of {args.rounds}:")
     for name, v in best.items():
-        print(f"   teacher {name:<11} {v:8.1f} examples/s  {v / args.batch_size:6.2f} steps/s")
+        label = "intermediate stage (teacher per batch)" if name == "intermediate" else f"teacher {name}"
+        print(f"   {label:<38} {v:8.1f} examples/s  {v / args.batch_size:6.2f} steps/s")
     print(f"   cached / on the fly: {best['cached'] / best['on the fly']:.2f}x  (the cache of {len(feats)} windows "
           f"was built once, inside the first run of {first:.1f} s)")
+    print(f"   intermediate / prediction on the fly: {best['intermediate'] / best['on the fly']:.2f}x; its teacher "
+          f"forward passes took {100 * min(teacher_share.values()):.0f}-{100 * max(teacher_share.values()):.0f}% "
+          "of its step time")
 
     # --- 2. tinyqa step vs transformers step, same weights, batch, loss and optimizer
     from transformers import AutoModelForQuestionAnswering
@@ -158,6 +177,16 @@ def main():
     for name, v in best2.items():
         print(f"   {name:<13} {v:6.2f} steps/s  {v * args.batch_size:8.1f} examples/s")
     print(f"   tinyqa / transformers: {best2['tinyqa'] / best2['transformers']:.2f}x")
+
+    # --- 3. peak memory of each variant, each in a fresh process (a process's peak only ever grows)
+    print(f"\n3. peak memory of {args.steps} distillation steps, one process each:")
+    for name, extra in variants.items():
+        code = ("import sys; sys.path.insert(0, sys.argv[1]); from tinyqa.train import build_parser, train, peak_memory; "
+                "a = build_parser(True).parse_args(sys.argv[3:]); train(a); print('PEAK', peak_memory(sys.argv[2]))")
+        r = subprocess.run([sys.executable, "-c", code, ROOT, args.device, *common, *extra, "--out",
+                            os.path.join(work, f"mem-{name.replace(' ', '')}")], capture_output=True, text=True)
+        peak = next((line[5:] for line in r.stdout.splitlines() if line.startswith("PEAK ")), r.stderr[-300:])
+        print(f"   {name:<13} {peak}")
     shutil.rmtree(work, ignore_errors=True)
 
 
