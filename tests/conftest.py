@@ -15,6 +15,19 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.fixture(scope="session", autouse=True)
+def hermetic_cache(tmp_path_factory):
+    """Feature stores, teacher logits and file hashes of a test run land in its temporary folder, never in
+    the user's ~/.cache/tinyqa (subprocesses inherit the variable)."""
+    old = os.environ.get("TINYQA_CACHE")
+    os.environ["TINYQA_CACHE"] = str(tmp_path_factory.mktemp("cache"))
+    yield
+    if old is None:
+        os.environ.pop("TINYQA_CACHE", None)
+    else:
+        os.environ["TINYQA_CACHE"] = old
+
+
 def shared_data_dir():
     for cand in (os.environ.get("TINYQA_SHARED"), ROOT.parent / "shared", ROOT / "shared"):
         if cand and (Path(cand) / "data").is_dir():

@@ -198,7 +198,7 @@ def test_card_row_only_for_a_known_model_on_a_whole_official_split(capsys):
 def test_squad_reader_names_bad_questions_and_reads_gzip(tmp_path):
     from tinyqa.errors import TinyQAError
     from tinyqa.mrqa import ReadReport
-    from tinyqa.train import read_training_examples
+    from tinyqa.mrqa import stream_files
     ctx = "Ada Lovelace wrote the first program in 1843."
     doc = {"version": "1.1", "data": [{"title": "t", "paragraphs": [{"context": ctx, "qas": [
         {"id": "a", "question": "Who?", "answers": [{"text": "Ada Lovelace", "answer_start": 0}]},
@@ -214,5 +214,5 @@ def test_squad_reader_names_bad_questions_and_reads_gzip(tmp_path):
     got = list(read_mrqa(path, skip_bad=True, report=report))
     assert [(ex.qid, ex.span) for ex in got] == [("a", (0, 12)), ("c", (19, 36))] and len(report.skipped) == 1
     assert ctx[19:36] == "the first program"
-    # the training scripts' reader takes it too
-    assert [ex.qid for ex in read_training_examples([str(path)], None, True, lambda *a: None)] == ["a", "c"]
+    # the training scripts' reader (the feature store's stream) takes it too
+    assert [ex.qid for _, ex in stream_files([str(path)], skip_bad=True)] == ["a", "c"]

@@ -98,7 +98,7 @@ def test_length_sorted_batches_respect_rows_and_token_budget():
     from tinyqa.features import Feature, length_sorted_batches
     lengths = [5, 384, 100, 7, 384, 250, 384, 6, 90, 384, 300, 384]
     feats = [Feature(np.zeros(n, np.int32), np.zeros((n, 2), np.int32), i) for i, n in enumerate(lengths)]
-    batches = length_sorted_batches(feats, batch_size=4, max_tokens=800)
+    batches = length_sorted_batches([len(f.input_ids) for f in feats], batch_size=4, max_tokens=800)
     assert sorted(i for b in batches for i in b) == list(range(len(lengths)))  # nothing lost or repeated
     for b in batches:
         ls = [lengths[i] for i in b]
@@ -106,4 +106,4 @@ def test_length_sorted_batches_respect_rows_and_token_budget():
     # by hand: 5 6 7 90 (4 rows) | 100 250 (adding 300 makes 3 x 300 = 900 > 800) | 300 384 (2 x 384 = 768;
     # a third 384 makes 1152) | 384 384 | 384 384
     assert [[lengths[i] for i in b] for b in batches] == [[5, 6, 7, 90], [100, 250], [300, 384], [384, 384], [384, 384]]
-    assert [len(b) for b in length_sorted_batches(feats, batch_size=5)] == [5, 5, 2]
+    assert [len(b) for b in length_sorted_batches([len(f.input_ids) for f in feats], batch_size=5)] == [5, 5, 2]

@@ -53,6 +53,7 @@ class Feature:
     start_label: int = 0  # token index of the answer start, or 0 (<s>, [CLS]) when the answer is not wholly inside
     end_label: int = 0
     token_type_ids: Optional[np.ndarray] = None  # (L,) int8 segment ids; None when all 0 (RoBERTa)
+    n_prefix: int = 0  # tokens before the context: special tokens and the question
 
 
 @dataclass(frozen=True)
@@ -176,7 +177,7 @@ def featurize(examples, tokenizer, cfg: FeaturizerConfig = FeaturizerConfig(), w
                 input_ids=np.concatenate([prefix_ids, ids[start:stop], layout.after]).astype(np.int32),
                 offsets=np.concatenate([np.full((n_prefix, 2), -1, np.int32), off[start:stop],
                                         np.full((len(layout.after), 2), -1, np.int32)]),
-                example_index=i, token_type_ids=layout.type_ids(len(q), stop - start))
+                example_index=i, token_type_ids=layout.type_ids(len(q), stop - start), n_prefix=n_prefix)
             if with_offsets:
                 f.words = np.concatenate([np.full(n_prefix, -1, np.int32), ctx_words[c][start:stop],
                                           np.full(len(layout.after), -1, np.int32)])
@@ -261,15 +262,16 @@ def collate(features, with_labels=False, pad_id=1):
     return batch
 
 
-def length_sorted_batches(features, batch_size, max_tokens=None):
-    """Indices of features grouped into batches of similar length, so padding stays minimal. With
-    max_tokens, a batch also stops growing before rows x longest window would pass it: batches of long
-    windows get fewer rows, which bounds the activations' memory (a 384-token batch of 64 needs over 1 GB
-    for one tinyroberta feed-forward) without shrinking the matmuls of short windows."""
-    order = sorted(range(len(features)), key=lambda i: len(features[i].input_ids))
+def length_sorted_batches(lengths, batch_size, max_tokens=None):
+    """Indices of windows (given their lengths) grouped into batches of similar length, so padding stays
+    minimal. With max_tokens, a batch also stops growing before rows x longest window would pass it:
+    batches of long windows get fewer rows, which bounds the activations' memory (a 384-token batch of 64
+    needs over 1 GB for one tinyroberta feed-forward) without shrinking the matmuls of short windows."""
+    lengths = [int(n) for n in lengths]
+    order = sorted(range(len(lengths)), key=lengths.__getitem__)
     batches, batch = [], []
     for i in order:
-        n = len(features[i].input_ids)  # the longest so far: the order is ascending
+        n = lengths[i]  # the longest so far: the order is ascending
         if batch and (len(batch) == batch_size or (max_tokens and (len(batch) + 1) * n > max_tokens)):
             batches.append(batch)
             batch = []

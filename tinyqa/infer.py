@@ -52,7 +52,7 @@ def run_model(model, features, batch_size=64, device="cpu", progress=False):
     """Start and end logits (float32 numpy, unpadded) of every feature, in the features' order."""
     from tqdm import tqdm
     starts, ends = [None] * len(features), [None] * len(features)
-    batches = length_sorted_batches(features, batch_size, max_tokens_for(device))
+    batches = length_sorted_batches([len(f.input_ids) for f in features], batch_size, max_tokens_for(device))
     for idx in tqdm(batches, desc="inference", unit="batch", disable=not progress):
         batch = collate([features[i] for i in idx], pad_id=model.config.pad_token_id)
         out = model(batch["input_ids"].to(device), batch["attention_mask"].to(device),

@@ -302,25 +302,33 @@ def read_mrqa(path, skip_bad=False, report: Optional[ReadReport] = None,
               skip_bad, report, advice="download it again, or pass --skip-bad to use the lines before this one")
 
 
-def read_files(paths, limit=None, skip_bad=False, report: Optional[ReadReport] = None, flag="--data") -> list:
-    """[(path, dataset name, [Example])] of several MRQA files: at most `limit` questions of each, qids
-    unique across all of them, and every file giving at least one question (an empty, header-only or
-    all-skipped file is an error, so that it never enters an average as a silent 0)."""
+def stream_files(paths, limit=None, skip_bad=False, report: Optional[ReadReport] = None,
+                 flag="--data") -> Iterator[tuple]:
+    """(index of the file in paths, Example) for the examples of several MRQA files, one after another and
+    read lazily (memory does not grow with the files, but for one int per qid): at most `limit` questions
+    of each, qids unique across all of them, and every file giving at least one question (an empty,
+    header-only or all-skipped file is an error, so that it never enters an average as a silent 0)."""
     report = report if report is not None else ReadReport()
-    qids, out = QidIndex(), []
-    for path in paths:
-        n_skipped = len(report.skipped)
-        examples = []
+    qids = QidIndex()
+    for i, path in enumerate(paths):
+        n_skipped, n = len(report.skipped), 0
         for ex in read_mrqa(path, skip_bad, report, qids):
-            if limit is not None and len(examples) >= limit:
+            if limit is not None and n >= limit:
                 break
-            examples.append(ex)
-        if not examples:
+            n += 1
+            yield i, ex
+        if not n:
             why = f"all {len(report.skipped) - n_skipped} were skipped as malformed" \
                 if len(report.skipped) > n_skipped else "it is empty or holds only a header"
             raise TinyQAError(f"{flag} {path}: no questions to use ({why})")
-        out.append((str(path), examples[0].dataset, examples))
-    return out
+
+
+def read_files(paths, limit=None, skip_bad=False, report: Optional[ReadReport] = None, flag="--data") -> list:
+    """[(path, dataset name, [Example])] of several MRQA files, each read whole, with stream_files' checks."""
+    out = [(str(p), None, []) for p in paths]
+    for i, ex in stream_files(paths, limit, skip_bad, report, flag):
+        out[i][2].append(ex)
+    return [(p, exs[0].dataset, exs) for p, _, exs in out]
 
 
 # --- the official files

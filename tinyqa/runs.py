@@ -33,8 +33,8 @@ from .files import atomic_write, disk_error, read_json
 from .weights import save_pretrained
 
 # Arguments of how a run is executed, not of what it computes: free to change on --resume.
-RUNTIME_ARGS = {"resume", "out", "save_every", "stop_after", "device", "quiet", "teacher_cache", "eval_data",
-                "overwrite", "keep_checkpoints", "teacher_batch_size", "given"}
+RUNTIME_ARGS = {"resume", "out", "save_every", "stop_after", "device", "quiet", "teacher_cache", "feature_store",
+                "eval_data", "overwrite", "keep_checkpoints", "teacher_batch_size", "given"}
 # What a run writes into --out (and --overwrite removes): the final model's files, the log, checkpoints.
 RUN_FILES = ("log.jsonl", "args.json", "config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json")
 

@@ -13,7 +13,9 @@ What keeps it trustworthy:
   ever points at a complete cache; a lock (where the OS has flock) makes a second run that wants the
   same cache wait for the first instead of computing it twice;
 - the whole file is reserved (posix_fallocate) before the teacher runs, and written with ordinary
-  writes, not through a memory map: a full disk is an error at once, never a SIGBUS hours later.
+  writes, not through a memory map: a full disk is an error at once, never a SIGBUS hours later;
+- under DDP every rank computes a share of the batches into the same reserved file (start, compute,
+  finish), so the teacher pass is split N ways rather than run by rank 0 while the others wait.
 """
 import hashlib
 import json
@@ -26,7 +28,7 @@ import numpy as np
 import torch
 
 from .errors import TinyQAError
-from .features import collate, length_sorted_batches
+from .features import length_sorted_batches
 from .files import _umask, disk_error, file_sha256
 
 
@@ -78,24 +80,39 @@ def _reserve(f, size):
         f.truncate(size)  # sparse; the ordinary writes below still fail cleanly with ENOSPC
 
 
-@torch.inference_mode()
-def compute(teacher, features, folder, info, batch_size, device, autocast, max_tokens=None, progress=True):
-    """Run the teacher over every window and write the cache folder (see the module docstring)."""
-    from tqdm import tqdm
-    lengths = np.array([len(f.input_ids) for f in features], dtype=np.int64)
-    offsets = np.concatenate([[0], np.cumsum(lengths)])
+def start(folder, lengths):
+    """A unique temporary folder beside `folder` holding logits.npy, its blocks reserved for every window
+    (lengths: the windows' token counts). Returns its path; compute() fills it, finish() renames it."""
+    total = int(np.sum(lengths))
     root = os.path.dirname(folder)
     tmp = tempfile.mkdtemp(dir=root, prefix=os.path.basename(folder) + ".tmp-")  # unique per run
     try:
         os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700; a shared cache must stay readable by others
         with open(os.path.join(tmp, "logits.npy"), "wb") as f:
             np.lib.format.write_array_header_1_0(
-                f, {"descr": np.dtype(np.float16).str, "fortran_order": False, "shape": (int(offsets[-1]), 2)})
-            header = f.tell()
-            _reserve(f, header + int(offsets[-1]) * 2 * 2)
-            for idx in tqdm(length_sorted_batches(features, batch_size, max_tokens), desc="teacher logits",
-                            disable=not progress):
-                batch = collate([features[i] for i in idx], pad_id=teacher.config.pad_token_id)
+                f, {"descr": np.dtype(np.float16).str, "fortran_order": False, "shape": (total, 2)})
+            _reserve(f, f.tell() + total * 2 * 2)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise disk_error(folder, e) from e
+    return tmp
+
+
+@torch.inference_mode()
+def compute(teacher, store, tmp, batches, device, autocast, progress=True):
+    """Run the teacher over the windows of `batches` (lists of window indices into the feature store) and
+    write their logits into tmp's logits.npy, each at its own place: DDP ranks each compute a share of the
+    batches into the same file."""
+    from tqdm import tqdm
+    offsets = np.concatenate([[0], np.cumsum(store.lengths)])
+    path = os.path.join(tmp, "logits.npy")
+    try:
+        with open(path, "r+b") as f:
+            np.lib.format.read_magic(f)
+            np.lib.format.read_array_header_1_0(f)
+            header = f.tell()  # where the logits start
+            for idx in tqdm(batches, desc="teacher logits", disable=not progress):
+                batch = store.batch(idx, teacher.config.pad_token_id, with_labels=False)
                 with autocast:
                     out = teacher(batch["input_ids"].to(device), batch["attention_mask"].to(device),
                                   batch["token_type_ids"].to(device))
@@ -103,8 +120,15 @@ def compute(teacher, features, folder, info, batch_size, device, autocast, max_t
                 both = both.astype(np.float16)
                 for row, i in enumerate(idx):
                     f.seek(header + int(offsets[i]) * 4)  # 2 logits x 2 bytes per token
-                    f.write(both[row, : lengths[i]].tobytes())
-        np.save(os.path.join(tmp, "offsets.npy"), offsets)
+                    f.write(both[row, : offsets[i + 1] - offsets[i]].tobytes())
+    except OSError as e:
+        raise disk_error(path, e) from e
+
+
+def finish(tmp, folder, lengths, info):
+    """Complete the temporary folder (offsets.npy, key.json) and rename it into place."""
+    try:
+        np.save(os.path.join(tmp, "offsets.npy"), np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64))
         with open(os.path.join(tmp, "key.json"), "w") as f:
             json.dump(info, f, indent=2)
         try:
@@ -119,14 +143,13 @@ def compute(teacher, features, folder, info, batch_size, device, autocast, max_t
 
 
 class TeacherCache:
-    def __init__(self, folder, features):
+    def __init__(self, folder, lengths):
         try:
             self.logits = np.load(os.path.join(folder, "logits.npy"), mmap_mode="r")
             self.offsets = np.load(os.path.join(folder, "offsets.npy"))
         except (OSError, ValueError) as e:
             raise TinyQAError(f"{folder}: damaged teacher cache ({e}); delete the folder to recompute it")
-        lengths = np.array([len(f.input_ids) for f in features], dtype=np.int64)
-        if len(self.offsets) != len(features) + 1 or not np.array_equal(np.diff(self.offsets), lengths) \
+        if len(self.offsets) != len(lengths) + 1 or not np.array_equal(np.diff(self.offsets), lengths) \
                 or len(self.logits) != self.offsets[-1]:
             raise TinyQAError(f"{folder}: the teacher cache does not match the training windows; "
                               "delete the folder to recompute it")

@@ -1,0 +1,194 @@
+"""The training windows on disk: featurized once in a stream, then memory-mapped by every epoch, run and rank.
+
+MRQA's train split is 516,819 questions and about a million windows; held as Python objects that is tens of
+GB per process. Instead the examples are read, tokenized and cut into windows a chunk at a time
+(tinyqa/features.py's `featurize`, so the windows and labels are exactly its own), and each chunk's windows
+are appended to flat arrays on disk. Layout of a store folder `<root>/<key>/`:
+    ids.bin       (tokens,) uint16, or int32 for vocabularies over 65,536: every window's token ids, in order
+    offsets.npy   (windows + 1,) int64: window i is ids[offsets[i]:offsets[i + 1]]
+    windows.npy   (windows, 4) int32: example index, start label, end label, tokens before the context
+                  (special tokens and question: what the token types are rebuilt from)
+    key.json      what the key was made of, and the counts
+Memory while building is one chunk of examples; afterwards a store costs its page cache, shared by every
+process that maps it.
+
+What keeps it trustworthy, as for the teacher-logit cache (tinyqa/teacher_cache.py):
+- the key hashes the training files' content, the whole tokenizer (not only its vocabulary: merges and
+  normalizer change the tokens too), the featurizer settings, --limit and --skip-bad;
+- it is built in a unique temporary folder and renamed into place, so its name only ever points at a
+  complete store; a killed build leaves a temporary folder that the next build ignores (and removes
+  when it is old);
+- a lock makes other processes that want the same store (the other DDP ranks, another run) wait for the
+  one building it, then read it.
+"""
+import glob
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import time
+
+import numpy as np
+import torch
+
+from .errors import TinyQAError
+from .features import featurize, pair_layout
+from .files import _umask, disk_error, file_sha256
+from .mrqa import ReadReport, stream_files
+from .teacher_cache import lock
+
+CHUNK_QUESTIONS = 2000  # examples featurized together: bounds the memory of a build
+
+
+def default_root():
+    return os.path.join(os.environ.get("TINYQA_CACHE") or os.path.expanduser("~/.cache/tinyqa"), "features")
+
+
+def store_key(root, files, tokenizer, fcfg, limit, skip_bad):
+    """(key, what it was made of): everything that changes a window, a label or their order."""
+    memo = os.path.join(root, "hashes.json")
+    info = {"data": [[os.path.basename(p), file_sha256(p, memo)] for p in files], "limit": limit, "skip_bad": skip_bad,
+            "tokenizer": hashlib.sha256(tokenizer.to_str().encode()).hexdigest()[:24],
+            "featurizer": [fcfg.max_seq_len, fcfg.doc_stride, fcfg.max_query_length], "format": 1}
+    return hashlib.sha256(json.dumps(info, sort_keys=True).encode()).hexdigest()[:24], info
+
+
+def is_complete(folder):
+    return os.path.exists(os.path.join(folder, "key.json"))  # written last, inside the temporary folder
+
+
+def open_store(root, files, tokenizer, fcfg, limit=None, skip_bad=False, log=print, progress=True):
+    """The store of these files and settings: reused when it exists, else built first (by whichever process
+    takes the lock first; the others wait for it)."""
+    try:
+        os.makedirs(root, exist_ok=True)
+    except OSError as e:
+        raise TinyQAError(f"--feature-store {root}: cannot create it ({e.strerror})")
+    key, info = store_key(root, files, tokenizer, fcfg, limit, skip_bad)
+    folder = os.path.join(root, key)
+    if not is_complete(folder):
+        with lock(folder + ".lock", log):
+            if not is_complete(folder):  # another process may have built it while we waited
+                log(f"featurizing the training data once into {folder}")
+                build(files, tokenizer, fcfg, limit, skip_bad, folder, info, log, progress)
+    else:
+        log(f"training windows: reusing {folder}")
+    return FeatureStore(folder, pair_layout(tokenizer))
+
+
+def build(files, tokenizer, fcfg, limit, skip_bad, folder, info, log=print, progress=True):
+    """Featurize the examples of `files` a chunk at a time into a new store at `folder`. Questions without
+    an answer span are left out with a notice (they would teach "no answer"), like malformed lines (which
+    are errors, or with skip_bad counted)."""
+    from tqdm import tqdm
+    root = os.path.dirname(folder)
+    for old in glob.glob(glob.escape(folder) + ".tmp-*"):  # a killed build's leftovers, once an hour old
+        if time.time() - os.path.getmtime(old) > 3600:
+            shutil.rmtree(old, ignore_errors=True)
+    tmp = tempfile.mkdtemp(dir=root, prefix=os.path.basename(folder) + ".tmp-")
+    dtype = np.uint16 if tokenizer.get_vocab_size(with_added_tokens=True) <= 65536 else np.int32
+    report, no_span, n_no_span = ReadReport(), [], 0
+    lengths, meta, n_examples, n_tokens = [], [], 0, 0
+    bar = tqdm(desc="featurize", unit=" windows", disable=not progress)
+    try:
+        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700; a shared cache must stay readable by others
+        with open(os.path.join(tmp, "ids.bin"), "wb") as f:
+            examples = (ex for _, ex in stream_files(files, limit, skip_bad, report, flag="--train"))
+            for chunk in _chunks(examples, CHUNK_QUESTIONS):
+                missing = [ex.qid for ex in chunk if ex.span is None]
+                n_no_span, no_span = n_no_span + len(missing), no_span + missing[:5 - len(no_span)]
+                keep = [ex for ex in chunk if ex.span is not None]
+                feats = featurize(keep, tokenizer, fcfg, with_labels=True, with_offsets=False)
+                if feats:
+                    f.write(np.concatenate([x.input_ids for x in feats]).astype(dtype).tobytes())
+                    lengths.append(np.fromiter((len(x.input_ids) for x in feats), np.int64, len(feats)))
+                    meta.append(np.array([(n_examples + x.example_index, x.start_label, x.end_label, x.n_prefix)
+                                          for x in feats], dtype=np.int32))
+                    n_tokens += int(lengths[-1].sum())
+                n_examples += len(keep)
+                bar.update(len(feats))
+        bar.close()
+        report.print(log)
+        if n_no_span:
+            log(f"notice: {n_no_span} training questions have no answer span (detected_answers.char_spans) and are "
+                f"left out: {', '.join(no_span)}{' ...' * (n_no_span > len(no_span))}")
+        if not n_examples:
+            raise TinyQAError(f"--train {' '.join(map(str, files))}: no question has an answer span "
+                              "(detected_answers): there is nothing to train on")
+        lengths = np.concatenate(lengths)
+        np.save(os.path.join(tmp, "offsets.npy"), np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64))
+        np.save(os.path.join(tmp, "windows.npy"), np.concatenate(meta))
+        info.update(dtype=np.dtype(dtype).name, windows=len(lengths), tokens=n_tokens, examples=n_examples,
+                    skipped=len(report.skipped), no_span=n_no_span)
+        with open(os.path.join(tmp, "key.json"), "w") as f:
+            json.dump(info, f, indent=2)
+        try:
+            os.rename(tmp, folder)  # atomic; refused if another process (without a lock) got there first
+        except OSError:
+            if not is_complete(folder):
+                raise
+    except OSError as e:
+        raise disk_error(folder, e) from e
+    finally:
+        bar.close()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _chunks(iterable, n):
+    chunk = []
+    for x in iterable:
+        chunk.append(x)
+        if len(chunk) == n:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
+class FeatureStore:
+    """A built store, memory-mapped: len(), the windows' lengths, and padded batches read straight from disk."""
+
+    def __init__(self, folder, layout):
+        try:
+            with open(os.path.join(folder, "key.json")) as f:
+                self.info = json.load(f)
+            self.offsets = np.load(os.path.join(folder, "offsets.npy"))
+            self.windows = np.load(os.path.join(folder, "windows.npy"))
+            self.ids = np.memmap(os.path.join(folder, "ids.bin"), dtype=self.info["dtype"], mode="r",
+                                 shape=(int(self.offsets[-1]),))
+        except (OSError, ValueError, KeyError) as e:
+            raise TinyQAError(f"{folder}: damaged feature store ({e}); delete the folder to rebuild it")
+        if len(self.windows) != len(self.offsets) - 1:
+            raise TinyQAError(f"{folder}: damaged feature store (windows and offsets disagree); delete it to rebuild")
+        self.folder, self.layout = folder, layout
+
+    def __len__(self):
+        return len(self.windows)
+
+    @property
+    def lengths(self) -> np.ndarray:
+        return np.diff(self.offsets)
+
+    def batch(self, idx, pad_id, with_labels=True) -> dict:
+        """Windows idx padded to the longest of them: input_ids, attention_mask, token_type_ids (B, L) and,
+        with_labels, start_positions and end_positions (B,). What features.collate gives for the same windows."""
+        lengths = self.offsets[np.asarray(idx) + 1] - self.offsets[idx]
+        L = int(lengths.max())
+        ids = np.full((len(idx), L), pad_id, dtype=np.int64)
+        mask = np.zeros((len(idx), L), dtype=np.int64)
+        types = np.zeros((len(idx), L), dtype=np.int64)
+        lay = self.layout
+        for row, (i, n) in enumerate(zip(idx, lengths)):
+            ids[row, :n] = self.ids[self.offsets[i]:self.offsets[i + 1]]
+            mask[row, :n] = 1
+            if lay.max_type:  # BERT-style segments, rebuilt from where the context starts
+                n_prefix = int(self.windows[i, 3])
+                types[row, :n] = lay.type_ids(n_prefix - len(lay.before) - len(lay.between),
+                                              n - n_prefix - len(lay.after))
+        batch = {"input_ids": torch.from_numpy(ids), "attention_mask": torch.from_numpy(mask),
+                 "token_type_ids": torch.from_numpy(types)}
+        if with_labels:
+            batch["start_positions"] = torch.from_numpy(self.windows[idx, 1].astype(np.int64))
+            batch["end_positions"] = torch.from_numpy(self.windows[idx, 2].astype(np.int64))
+        return batch
