@@ -16,8 +16,11 @@ import argparse
 import json
 import sys
 import time
+from contextlib import nullcontext
+from dataclasses import replace
 
 import torch
+from tqdm import tqdm
 
 from tinyqa.checks import (check_device, check_distinct_outputs, check_featurizer, check_input_files,
                            check_output_file, nonneg_int, positive_int)
@@ -25,9 +28,9 @@ from tinyqa.errors import TinyQAError, cli_errors
 from tinyqa.decode import decode, decode_nbest
 from tinyqa.features import pair_layout
 from tinyqa.files import atomic_write, write_json
-from tinyqa.infer import DecodeConfig, featurizer_config_of, forward_examples, predict
+from tinyqa.infer import DecodeConfig, featurizer_config_of, forward_examples
 from tinyqa.metrics import example_scores, score_datasets
-from tinyqa.mrqa import SPLITS, ReadReport, read_files, split_files
+from tinyqa.mrqa import SPLITS, ReadReport, split_files, stream_files
 from tinyqa.train import HelpFormatter
 from tinyqa.weights import ALIASES, CARD_SCORES, card_table, resolve_dir
 
@@ -104,18 +107,37 @@ def check_args(args):
     return fcfg
 
 
-def load_examples(args):
-    """{dataset name: [Example]} in file order; names come from each file's header, else its name."""
-    files = args.data or split_files(args.split or "dev", progress=not args.quiet)
-    report = ReadReport()
-    by_dataset = {}
-    for path, name, examples in read_files(files, args.limit, args.skip_bad, report, flag="--data"):
-        unique, k = name, 2
-        while unique in by_dataset:  # two files naming the same dataset stay apart
-            unique, k = f"{name}#{k}", k + 1
-        by_dataset[unique] = examples
-    report.print(lambda line: print(line, file=sys.stderr))
-    return by_dataset
+# Questions featurized, run and decoded together: evaluate.py holds one chunk's windows and logits at a time,
+# plus, for scoring, each question's qid, text and gold answers (never the contexts), whatever the file's size.
+CHUNK_QUESTIONS = 2000
+
+
+def stream_examples(args, files, report):
+    """(dataset name, Example) of every question to score, in file order, read lazily. Names come from each
+    file's header, else its name (two files naming the same dataset stay apart). A SQuAD 2.0 question with
+    no answer is only kept with --allow-null; the others are counted in args.left_out."""
+    names = {}
+    for i, ex in stream_files(files, args.limit, args.skip_bad, report, flag="--data"):
+        if i not in names:
+            unique, k = ex.dataset, 2
+            while unique in names.values():
+                unique, k = f"{ex.dataset}#{k}", k + 1
+            names[i] = unique
+        if not ex.answers and not args.allow_null:
+            args.left_out[names[i]] = args.left_out.get(names[i], 0) + 1
+            continue
+        yield names[i], ex
+
+
+def chunks(iterable, n):
+    chunk = []
+    for x in iterable:
+        chunk.append(x)
+        if len(chunk) == n:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
 
 
 def read_predictions(path):
@@ -163,22 +185,31 @@ def main(argv=None):
                                               quantize=args.quantize)
         # the exact room for context, now that the tokenizer says how many special tokens a window has
         check_featurizer(fcfg.max_seq_len, fcfg.doc_stride, fcfg.max_query_length, pair_layout(qa.tokenizer).n_special)
-    by_dataset = load_examples(args)
-    squad2 = unanswerable_questions(by_dataset, args.allow_null)
+    files = args.data or split_files(args.split or "dev", progress=not args.quiet)
+    report, args.left_out = ReadReport(), {}
+    by_dataset, answers = {}, {}  # name -> [Example without its context]; qid -> predicted answer
+    dcfg = DecodeConfig(args.n_best, args.max_answer_len, args.allow_null)
+    t0 = time.perf_counter()
+    with (nbest_writer(args.nbest) if args.nbest and qa else nullcontext()) as nbest, \
+            tqdm(desc="evaluate", unit=" questions", disable=args.quiet or qa is None) as bar:
+        for chunk in chunks(stream_examples(args, files, report), CHUNK_QUESTIONS):
+            for name, ex in chunk:
+                by_dataset.setdefault(name, []).append(replace(ex, context=""))
+            if qa is not None:
+                answers.update(predict_chunk(qa, [ex for _, ex in chunk], fcfg, dcfg, args, nbest))
+                bar.update(len(chunk))
+    report.print(lambda line: print(line, file=sys.stderr))
+    for name, n in args.left_out.items():
+        print(f"note: {name}: {n} unanswerable question(s) left out; pass --allow-null to score them by "
+              "SQuAD 2.0's rules (for a model trained to give the null answer)", file=sys.stderr)
+    # datasets with unanswerable questions (SQuAD v2.0 files) are scored by SQuAD 2.0's rules
+    squad2 = {name for name, exs in by_dataset.items() if any(not ex.answers for ex in exs)}
     all_examples = [ex for exs in by_dataset.values() for ex in exs]
     if args.predictions:
         answers = read_predictions(args.predictions)
         report_coverage(answers, all_examples, args.predictions)
     else:
-        dcfg = DecodeConfig(args.n_best, args.max_answer_len, args.allow_null)
-        t0 = time.perf_counter()
-        if args.nbest:
-            preds = predict_and_write_nbest(qa, all_examples, fcfg, dcfg, args)
-        else:
-            preds = predict(qa.model, qa.tokenizer, all_examples, fcfg, dcfg, args.batch_size, args.device,
-                            progress=not args.quiet)
         elapsed = time.perf_counter() - t0
-        answers = {qid: p.text for qid, p in preds.items()}
         print(f"{len(all_examples)} questions in {elapsed:.1f}s ({len(all_examples) / elapsed:.1f} questions/s)")
     if args.output:
         write_json(args.output, answers, ensure_ascii=False, indent=0)
@@ -193,32 +224,39 @@ def main(argv=None):
     return metrics
 
 
+def predict_chunk(qa, examples, fcfg, dcfg, args, nbest=None) -> dict:
+    """{qid: answer} for one chunk of examples (run_qa's n-best decoder), its n-best lists written to nbest."""
+    features, starts, ends = forward_examples(qa.model, qa.tokenizer, examples, fcfg, args.batch_size, args.device)
+    if nbest is not None:
+        nbest.write(decode_nbest(examples, features, starts, ends, dcfg.n_best, dcfg.max_answer_len, dcfg.allow_null))
+    preds = decode(examples, features, starts, ends, dcfg.n_best, dcfg.max_answer_len, dcfg.allow_null)
+    return {qid: p.text for qid, p in preds.items()}
+
+
 # --- SQuAD 2.0, n-best, per-question and the model card: separate from the MRQA path above
 
-def unanswerable_questions(by_dataset, allow_null) -> set:
-    """Datasets with unanswerable questions (SQuAD v2.0 files) to score by SQuAD 2.0's rules. Without
-    --allow-null the model cannot say "no answer", so those questions are left out, with a notice."""
-    squad2 = set()
-    for name, exs in by_dataset.items():
-        n = sum(1 for ex in exs if not ex.answers)
-        if not n:
-            continue
-        if allow_null:
-            squad2.add(name)
-        else:
-            by_dataset[name] = [ex for ex in exs if ex.answers]
-            print(f"note: {name}: {n} unanswerable question(s) left out; pass --allow-null to score them by "
-                  "SQuAD 2.0's rules (for a model trained to give the null answer)", file=sys.stderr)
-    return squad2
+class nbest_writer:
+    """run_qa's nbest_predictions.json written a chunk at a time, as one JSON object (one qid per line),
+    under a temporary name renamed into place at the end."""
 
+    def __init__(self, path):
+        self.cm, self.first = atomic_write(path), True
 
-def predict_and_write_nbest(qa, examples, fcfg, dcfg, args):
-    """predict(), keeping the logits for run_qa's n-best lists, which are written to args.nbest."""
-    features, starts, ends = forward_examples(qa.model, qa.tokenizer, examples, fcfg, args.batch_size, args.device,
-                                              progress=not args.quiet)
-    nbest = decode_nbest(examples, features, starts, ends, dcfg.n_best, dcfg.max_answer_len, dcfg.allow_null)
-    write_json(args.nbest, nbest, ensure_ascii=False, indent=1)
-    return decode(examples, features, starts, ends, dcfg.n_best, dcfg.max_answer_len, dcfg.allow_null)
+    def __enter__(self):
+        self.f = self.cm.__enter__()
+        self.f.write("{")
+        return self
+
+    def write(self, nbest: dict):
+        for qid, cands in nbest.items():
+            self.f.write(("\n" if self.first else ",\n") + json.dumps(qid, ensure_ascii=False) + ": "
+                         + json.dumps(cands, ensure_ascii=False))
+            self.first = False
+
+    def __exit__(self, *exc):
+        if exc[0] is None:
+            self.f.write("\n}\n")
+        return self.cm.__exit__(*exc)
 
 
 def write_per_question(path, answers, by_dataset, squad2):
