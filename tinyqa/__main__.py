@@ -1,9 +1,10 @@
-"""Command line: `python -m tinyqa answer ...`, `serve` (a JSON endpoint and a page) and `demo`.
+"""Command line: `python -m tinyqa answer ...`, `serve` (a JSON endpoint and a page), `export` (ONNX) and `demo`.
 
     python -m tinyqa answer --question "Who wrote Hamlet?" --context @hamlet.txt [--top-k 3] [--json]
     python -m tinyqa answer --questions questions.txt --context @hamlet.txt     # one question a line -> JSONL
     cat pairs.jsonl | python -m tinyqa answer > answers.jsonl    # {"question", "context"} a line -> JSONL
     python -m tinyqa serve --model tinyroberta-mrqa --port 8000                  # http://127.0.0.1:8000/
+    python -m tinyqa export --model tinyroberta-mrqa --onnx onnx/                 # model.onnx for ONNX Runtime
 
 Many questions are read, answered and printed a chunk at a time (--chunk-size), so output appears while
 input is still coming and memory does not grow with the input. JSON output is strict (RFC 8259: a
@@ -102,6 +103,14 @@ def build_parser():
     s.add_argument("--max-body-bytes", type=positive_int, default=1_000_000,
                    help="larger requests are refused with 413")
     add_model_args(s)
+    e = sub.add_parser("export", help="write the model as ONNX (model.onnx + config and tokenizer) for ONNX Runtime",
+                       description="Export a QA checkpoint to ONNX: inputs input_ids, attention_mask (and token_type_ids "
+                                   "for BERT/ELECTRA), outputs start_logits, end_logits, batch and sequence dynamic. "
+                                   "Checked against tinyqa with onnxruntime when it is installed.",
+                       formatter_class=HelpFormatter)
+    e.add_argument("--model", default="tinyroberta-mrqa", help="alias, hub id or local checkpoint directory")
+    e.add_argument("--onnx", required=True, metavar="DIR", help="folder to write model.onnx and the tokenizer files to")
+    e.add_argument("--opset", type=positive_int, default=17, help="ONNX opset version")
     sub.add_parser("demo", add_help=False,
                    help="offline end to end: synthetic data, teacher, distilled and CE-only students, evaluation "
                         "(python -m tinyqa demo --help for its flags)")
@@ -121,6 +130,11 @@ def main(argv=None):
             answer_command(args)
         elif args.command == "serve":
             serve_command(args)
+        elif args.command == "export":
+            from .checks import check_output_dir
+            from .export import export_command
+            check_output_dir(args.onnx, "--onnx")
+            export_command(args.model, args.onnx, args.opset)
 
 
 # --- answer
