@@ -67,14 +67,20 @@ def open_store(root, files, tokenizer, fcfg, limit=None, skip_bad=False, log=pri
         raise TinyQAError(f"--feature-store {root}: cannot create it ({e.strerror})")
     key, info = store_key(root, files, tokenizer, fcfg, limit, skip_bad)
     folder = os.path.join(root, key)
-    if not is_complete(folder):
+    reused = is_complete(folder)
+    if not reused:
         with lock(folder + ".lock", log):
             if not is_complete(folder):  # another process may have built it while we waited
                 log(f"featurizing the training data once into {folder}")
                 build(files, tokenizer, fcfg, limit, skip_bad, folder, info, log, progress)
     else:
         log(f"training windows: reusing {folder}")
-    return FeatureStore(folder, pair_layout(tokenizer))
+    store = FeatureStore(folder, pair_layout(tokenizer))
+    left_out = {k: store.info.get(k, 0) for k in ("no_span", "skipped")}
+    if reused and any(left_out.values()):  # said when it was built; said again, so no run is silent about it
+        log(f"notice: the store leaves out {left_out['no_span']} question(s) without an answer span and "
+            f"{left_out['skipped']} malformed line(s) or question(s) skipped with --skip-bad")
+    return store
 
 
 def build(files, tokenizer, fcfg, limit, skip_bad, folder, info, log=print, progress=True):
