@@ -316,3 +316,27 @@ def featurized_count(synth, limit):
     from tinyqa.features import FeaturizerConfig, featurize
     exs = [ex for _, ex in zip(range(limit), read_mrqa(synth["train"]))]
     return featurize(exs, load_tokenizer(synth["tok"]), FeaturizerConfig(128, 32, 64), with_offsets=False)
+
+
+def test_grad_accum_pads_less_and_matches_one_batch(synth, tmp_path, monkeypatch):
+    """--grad-accum 4 splits each step's windows by length (each micro-batch pads to its own longest) and
+    ends with the weights of one 32-window batch per step: the same weighted gradient, less padding."""
+    from tinyqa.store import FeatureStore
+    padded = {}
+    real_batch = FeatureStore.batch
+
+    def counting_batch(self, idx, pad_id, with_labels=True):
+        b = real_batch(self, idx, pad_id, with_labels)
+        padded[run] = padded.get(run, 0) + b["input_ids"].numel()
+        return b
+    monkeypatch.setattr(FeatureStore, "batch", counting_batch)
+    models = {}
+    for run in (1, 4):
+        models[run] = train(finetune_args(synth, tmp_path / f"accum{run}", "--init-config", synth["student_cfg"],
+                                          "--epochs", "1", "--batch-size", "32", "--lr", "1e-3", "--limit", "60",
+                                          "--grad-accum", str(run)))
+    assert padded[4] < 0.9 * padded[1], padded
+    a, b = models[1], models[4]
+    zero_grad = {"qa_outputs.bias", f"encoder.layers.{a.config.num_hidden_layers - 1}.ln_ffn.bias"}  # see above
+    for (k, x), y in zip(a.state_dict().items(), b.state_dict().values()):
+        assert (x - y).abs().max().item() <= (1e-2 if k in zero_grad else 1e-5), k
