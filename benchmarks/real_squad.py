@@ -25,8 +25,8 @@ one left the distilled student at 78% of the teacher's F1 (50.2 vs 64.1), two at
 the windows are 256 tokens (stride 64) instead of 384 (128): SQuAD's paragraphs average ~150 tokens (the
 windows here: mean 165, 12% at 256), so few questions need a second window either way, and every step is
 cheaper. Each step's 32 windows run as 4 micro-batches grouped by length (--grad-accum 4): the same
-gradient, but a micro-batch of short windows no longer pads to the longest of the 32; measured here on the
-teacher's first 12 steps: 46-47 s instead of 80-90 s.
+gradient, but a micro-batch of short windows no longer pads to the longest of the 32: the teacher trained
+at 8.1 windows/s instead of 6.1 (benchmarks/bench_micro_batches.py and the README have more).
 Attention dropout is 0 (--attention-dropout; the checkpoint's is 0.1, hidden dropout stays 0.1): with
 dropout, PyTorch's CPU attention leaves its fused kernel and draws a random mask over every (head, query,
 key), measured at 17% of a MiniLM training step here. On a GPU pass --attention-dropout 0.1.
