@@ -7,9 +7,10 @@ import sys
 import pytest
 from conftest import ROOT
 
-# A third of the data (about a minute on 2 cores); the full-size numbers are in tinyqa/demo.py's docstring.
-SMALL = ["--train-contexts", "1000", "--dev-contexts", "60", "--teacher-epochs", "4", "--student-epochs", "3",
-         "--quiet"]
+# A third of the data and two seeds (about two minutes on 2 cores); the full-size numbers are in
+# tinyqa/demo.py's docstring.
+SMALL = ["--train-contexts", "1000", "--student-contexts", "250", "--dev-contexts", "60", "--teacher-epochs", "4",
+         "--student-epochs", "10", "--seeds", "2", "--quiet"]
 
 
 @pytest.fixture(scope="module")
@@ -22,21 +23,24 @@ def demo(tmp_path_factory):
 
 
 def test_demo_learns(demo):
-    """Every trained model ends far above the untrained student. Measured at this size (seeded, 2-core CPU):
-    untrained student F1 9.7, teacher 54.2, distilled student 51.3, CE-only student 46.6."""
+    """Every trained model ends well above the untrained students. Measured at this size (seeded, 2-core CPU):
+    teacher F1 76.5; seed 0: untrained student 9.7, distilled 48.0, CE-only 23.9; seed 1: 7.1, 37.7, 27.4."""
     out, stdout, res = demo
-    init = res["student-init"]["f1"]
-    assert init < 20, init
-    assert res["teacher"]["f1"] > 40 and res["teacher"]["f1"] > init + 30, res["teacher"]
-    for name in ("student-distilled", "student-ce"):
-        assert res[name]["f1"] > init + 25, (name, res[name], init)
-    # the table reports the comparison as measured, with its sign
-    gain = res["student-distilled"]["f1"] - res["student-ce"]["f1"]
-    assert res["distillation_beats_ce_only"]["f1"] == pytest.approx(gain)
-    assert f"F1 {gain:+.2f}" in stdout and ("did not beat" in stdout) == (gain <= 0)
+    for tag in ("", "-seed1"):
+        init = res[f"student-init{tag}"]["f1"]
+        assert init < 20, init
+        for name in ("student-distilled", "student-ce"):
+            assert res[name + tag]["f1"] > init + 8, (name + tag, res[name + tag], init)
+    assert res["teacher"]["f1"] > 40 and res["teacher"]["f1"] > res["student-init"]["f1"] + 30, res["teacher"]
+    # the summary is what the table holds, per seed, and the verdict follows its signs
+    gains = [res[f"student-distilled{t}"]["f1"] - res[f"student-ce{t}"]["f1"] for t in ("", "-seed1")]
+    g = res["summary"]["distilled_minus_ce"]
+    assert g["values"] == pytest.approx(gains) and g["mean"] == pytest.approx(sum(gains) / 2)
+    verdict = "beat" if min(gains) > 0 else "lost to" if max(gains) < 0 else "neither clearly beat nor lost to"
+    assert f"distillation {verdict} CE-only training" in stdout and f"F1 {g['mean']:+.2f} on average" in stdout
     assert res["teacher"]["parameters"] > res["student-ce"]["parameters"] == res["student-distilled"]["parameters"]
-    for name in ("train.jsonl.gz", "dev.jsonl.gz", "tokenizer/tokenizer.json", "teacher/model.safetensors",
-                 "student-distilled/config.json", "student-ce/tokenizer.json"):
+    for name in ("train.jsonl.gz", "train-students.jsonl.gz", "dev.jsonl.gz", "tokenizer/tokenizer.json",
+                 "teacher/model.safetensors", "student-distilled/config.json", "student-ce-seed1/tokenizer.json"):
         assert (out / name).exists(), name
 
 
