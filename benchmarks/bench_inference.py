@@ -34,6 +34,7 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+from benchmarks.common import matmul_peak, shared_data  # noqa: E402
 from tinyqa.features import FeaturizerConfig, featurize  # noqa: E402
 from tinyqa.infer import DecodeConfig, predict, quantize_int8, run_model  # noqa: E402
 from tinyqa.metrics import score_datasets  # noqa: E402
@@ -41,13 +42,6 @@ from tinyqa.model import flops_per_token  # noqa: E402
 from tinyqa.mrqa import read_mrqa  # noqa: E402
 from tinyqa.tokenizer import load_tokenizer  # noqa: E402
 from tinyqa.weights import load_model  # noqa: E402
-
-
-def shared_data():
-    for cand in (os.environ.get("TINYQA_SHARED"), os.path.join(ROOT, "..", "shared")):
-        if cand and os.path.isdir(os.path.join(cand, "data")):
-            return os.path.join(cand, "data")
-    return os.path.join(ROOT, "..", "shared", "data")
 
 
 def get_args():
@@ -69,17 +63,6 @@ def get_args():
 
 
 # --- the machine's fp32 matmul peak, measured
-
-def matmul_peak(seconds=2.0, n=2048):
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    best, t_end = 0.0, time.perf_counter() + seconds
-    while time.perf_counter() < t_end:
-        t = time.perf_counter()
-        for _ in range(4):
-            torch.mm(a, b)
-        best = max(best, 4 * 2 * n ** 3 / (time.perf_counter() - t))
-    return best
-
 
 # --- the transformers baseline as examples/pytorch/question-answering/run_qa.py evaluates
 

