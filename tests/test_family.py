@@ -531,6 +531,38 @@ def test_trim_offsets_worked_example():
     assert trim_offsets(text, off).tolist() == [[0, 5], [6, 10], [12, 12], [12, 14], [15, 15], [15, 18], [19, 24]]
 
 
+
+def test_is_space_agrees_with_str_isspace_everywhere():
+    """trim_offsets finds spaces through a code-point table: it must agree with str.isspace() on every
+    Unicode character (the table's last entry stands for all of U+3001 and up), lone surrogates included."""
+    from tinyqa.features import _is_space
+    text = "".join(map(chr, range(0x110000)))
+    assert _is_space(text).tolist() == [ch.isspace() for ch in text]
+    assert np.flatnonzero(~_is_space("a\u3000b\u00a0c d\U0001F600")).tolist() == [0, 2, 4, 6, 7]
+
+
+def test_trim_offsets_matches_stripping_each_token():
+    """Against str.strip on each token's text, for random texts and random token spans (some with spaces at
+    their edges, some empty, some without any: the shortcut that returns the offsets untouched)."""
+    rng = np.random.default_rng(0)
+    for trial in range(300):
+        text = "x" + "".join(rng.choice(list("ab c\u00a0\n\u3000d"), size=int(rng.integers(1, 30))))  # never
+        # blank: tinyqa/mrqa.py refuses a context without a non-space character
+        cuts = np.sort(rng.integers(0, len(text) + 1, size=int(rng.integers(1, 8))))
+        off = np.stack([cuts[:-1], cuts[1:]], axis=1) if len(cuts) > 1 else np.zeros((0, 2), np.int64)
+        if trial % 2:  # tokens as RoBERTa's: their edges already off the spaces, or empty
+            off = np.array([(a + len(text[a:b]) - len(text[a:b].lstrip()), b - len(text[a:b]) + len(text[a:b].rstrip()))
+                            if text[a:b].strip() else (b, b) for a, b in off], dtype=np.int64).reshape(-1, 2)
+        expected = []
+        for a, b in off.tolist():
+            piece = text[a:b]
+            if piece.strip():
+                expected.append([a + len(piece) - len(piece.lstrip()), b - len(piece) + len(piece.rstrip())])
+            else:
+                expected.append([b, b])  # spaces only: empty, at its end
+        assert trim_offsets(text, off).tolist() == expected, (text, off.tolist())
+
+
 def test_model_and_tokenizer_mismatch_is_a_clear_error(toks):
     """A BERT tokenizer (pad 0, types 0/1) with a RoBERTa model, or windows longer than the model: one line."""
     from tinyqa.infer import predict

@@ -175,9 +175,10 @@ def _check_qa(qa, i, context):
             # detected_answers.text in case, punctuation and articles ("The Beatles" vs "beatles"). Those
             # are expected; compared after the official metric's normalisation, any other difference means
             # the offsets point at the wrong text (e.g. computed on another version of the context).
-            if isinstance(text, str) and normalize_answer(context[cs[0]:cs[1] + 1]) != normalize_answer(text):
-                warnings.append(f"{at}: detected_answers[{j}].char_spans[{k}] gives "
-                                f"{context[cs[0]:cs[1] + 1][:40]!r}, its text is {text[:40]!r}")
+            found = context[cs[0]:cs[1] + 1]
+            if isinstance(text, str) and found != text and normalize_answer(found) != normalize_answer(text):
+                warnings.append(f"{at}: detected_answers[{j}].char_spans[{k}] gives {found[:40]!r}, its text "
+                                f"is {text[:40]!r}")
             if span is None:
                 span = (cs[0], cs[1] + 1)  # inclusive end -> exclusive end
     return str(qid), question, list(answers), span, warnings
@@ -269,7 +270,7 @@ def read_mrqa(path, skip_bad=False, report: Optional[ReadReport] = None,
                 bad = text.object[text.start:text.start + 4]
                 _fail(where, f"not UTF-8 (byte {bad[:1].hex()} at column {text.start + 1})", skip_bad, report)
                 continue
-            if not text.strip():
+            if not text or text.isspace():  # (not strip(): that copies every line)
                 continue
             try:
                 row = json.loads(text)
