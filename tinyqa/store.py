@@ -28,12 +28,13 @@ import os
 import shutil
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
 
 from .errors import TinyQAError
-from .features import featurize, pair_layout
+from .features import encode, featurize, pair_layout
 from .files import _umask, disk_error, file_sha256
 from .mrqa import ReadReport, stream_files
 from .teacher_cache import lock
@@ -99,21 +100,23 @@ def build(files, tokenizer, fcfg, limit, skip_bad, folder, info, log=print, prog
     bar = tqdm(desc="featurize", unit=" windows", disable=not progress)
     try:
         os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700; a shared cache must stay readable by others
-        with open(os.path.join(tmp, "ids.bin"), "wb") as f:
+        with open(os.path.join(tmp, "ids.bin"), "wb") as f, ThreadPoolExecutor(max_workers=1) as tokenizing:
             examples = (ex for _, ex in stream_files(files, limit, skip_bad, report, flag="--train"))
+            pending = None  # the previous chunk, whose tokenization runs while this one is read
             for chunk in _chunks(examples, CHUNK_QUESTIONS):
                 missing = [ex.qid for ex in chunk if ex.span is None]
                 n_no_span, no_span = n_no_span + len(missing), no_span + missing[:5 - len(no_span)]
                 keep = [ex for ex in chunk if ex.span is not None]
-                feats = featurize(keep, tokenizer, fcfg, with_labels=True, with_offsets=False)
-                if feats:
-                    f.write(np.concatenate([x.input_ids for x in feats]).astype(dtype).tobytes())
-                    lengths.append(np.fromiter((len(x.input_ids) for x in feats), np.int64, len(feats)))
-                    meta.append(np.array([(n_examples + x.example_index, x.start_label, x.end_label, x.n_prefix)
-                                          for x in feats], dtype=np.int32))
-                    n_tokens += int(lengths[-1].sum())
-                n_examples += len(keep)
-                bar.update(len(feats))
+                # encode_batch releases the GIL: chunk i + 1 is tokenized (in Rust, on the other core) while
+                # chunk i is cut into windows and written here, and chunk i + 2 read and checked.
+                current = (keep, tokenizing.submit(encode, keep, tokenizer))
+                if pending is not None:
+                    n_examples, n_tokens = write_chunk(f, *pending, tokenizer, fcfg, dtype, n_examples, n_tokens,
+                                                       lengths, meta, bar)
+                pending = current
+            if pending is not None:
+                n_examples, n_tokens = write_chunk(f, *pending, tokenizer, fcfg, dtype, n_examples, n_tokens,
+                                                   lengths, meta, bar)
         bar.close()
         report.print(log)
         if n_no_span:
@@ -141,6 +144,20 @@ def build(files, tokenizer, fcfg, limit, skip_bad, folder, info, log=print, prog
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def write_chunk(f, examples, encoding, tokenizer, fcfg, dtype, n_examples, n_tokens, lengths, meta, bar):
+    """Cut one chunk's examples into windows (featurize, on their finished tokenization), append the token
+    ids to ids.bin and the lengths and (example, start, end, n_prefix) rows to the lists; new counts."""
+    feats = featurize(examples, tokenizer, fcfg, with_labels=True, with_offsets=False, encoded=encoding.result())
+    if feats:
+        f.write(np.concatenate([x.input_ids for x in feats]).astype(dtype).tobytes())
+        lengths.append(np.fromiter((len(x.input_ids) for x in feats), np.int64, len(feats)))
+        meta.append(np.array([(n_examples + x.example_index, x.start_label, x.end_label, x.n_prefix)
+                              for x in feats], dtype=np.int32))
+        n_tokens += int(lengths[-1].sum())
+    bar.update(len(feats))
+    return n_examples + len(examples), n_tokens
+
+
 def _chunks(iterable, n):
     chunk = []
     for x in iterable:
@@ -161,8 +178,9 @@ class FeatureStore:
                 self.info = json.load(f)
             self.offsets = np.load(os.path.join(folder, "offsets.npy"))
             self.windows = np.load(os.path.join(folder, "windows.npy"))
+            # A plain ndarray over the mapped file: slicing a np.memmap builds a memmap object per slice.
             self.ids = np.memmap(os.path.join(folder, "ids.bin"), dtype=self.info["dtype"], mode="r",
-                                 shape=(int(self.offsets[-1]),))
+                                 shape=(int(self.offsets[-1]),)).view(np.ndarray)
         except (OSError, ValueError, KeyError) as e:
             raise TinyQAError(f"{folder}: damaged feature store ({e}); delete the folder to rebuild it")
         if len(self.windows) != len(self.offsets) - 1:
