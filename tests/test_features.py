@@ -107,3 +107,30 @@ def test_length_sorted_batches_respect_rows_and_token_budget():
     # a third 384 makes 1152) | 384 384 | 384 384
     assert [[lengths[i] for i in b] for b in batches] == [[5, 6, 7, 90], [100, 250], [300, 384], [384, 384], [384, 384]]
     assert [len(b) for b in length_sorted_batches([len(f.input_ids) for f in feats], batch_size=5)] == [5, 5, 2]
+
+
+def test_window_labels_match_a_search_inside_each_window():
+    """Labels come from the span's tokens in the whole context, clipped to each window. Oracle: the search
+    done inside the window itself (the window's first token must start at or before the span, its last end
+    at or after it; then the last token starting at or before the start, the first ending at or after the
+    end), on offsets with several tokens sharing one character, as byte-level BPE gives an emoji."""
+    from tinyqa.features import _span_tokens, _window_label
+    rng = np.random.default_rng(0)
+    for _ in range(400):
+        n = int(rng.integers(1, 12))
+        width = rng.integers(0, 3, size=n)  # 0: a token sharing the previous token's character
+        starts = np.cumsum(np.r_[0, width[:-1]])
+        ends = starts + np.maximum(width, 1)  # a width-0 step: the next token shares this character
+        off = np.stack([starts, ends], axis=1)
+        a = int(rng.integers(0, ends[-1]))
+        b = int(rng.integers(a + 1, ends[-1] + 1))
+        first, last = _span_tokens(off, (a, b))
+        for start in range(n):
+            for stop in range(start + 1, n + 1):
+                w = off[start:stop]
+                if w[0, 0] <= a and w[-1, 1] >= b:
+                    expected = (int(np.searchsorted(w[:, 0], a, side="right")) - 1 + 5,
+                                int(np.searchsorted(w[:, 1], b, side="left")) + 5)
+                else:
+                    expected = (0, 0)
+                assert _window_label(first, last, start, stop, 5) == expected, (off.tolist(), a, b, start, stop)
