@@ -18,12 +18,14 @@ Each size runs in a fresh process (its VmHWM is its own peak resident memory) an
 - the teacher-logit cache over every window with a tiny teacher (1 x 16), in windows/s;
 - training steps/s of a tiny student (2 x 64) with batches read from the store against the same steps with
   the same windows held in memory as featurize's Feature objects (the way training read them before),
-  alternated in rounds;
+  paired step by step (two copies of the student, stepped in turn on the same batches), and the batch
+  assembly alone;
 - peak RSS (VmHWM) at the end, so after all of it.
 Targets (issue 13): peak RSS at 100% under 3 GB and within 20% of 30%'s; featurization at least 0.8x the
 raw tokenizer; training steps/s within 5% of in-memory.
 """
 import argparse
+import copy
 import gzip
 import json
 import math
@@ -112,9 +114,18 @@ def vm_hwm_gb():
 
 
 def raw_tokenizer_speed(paths, tok):
-    """Tokens/s of encode_batch alone over every context and question of the files, read into memory a
-    file at a time beforehand (the reading is not timed)."""
+    """Tokens/s of encode_batch alone over every context and question of the files, 2,000 at a time as the
+    store's build takes them; only encode_batch is timed. Read in chunks, not whole files: a whole file's
+    text in memory would make this measurement, not the store, set the process's peak RSS."""
     tokens, seconds = 0, 0.0
+
+    def timed(texts):
+        nonlocal tokens, seconds
+        t = time.perf_counter()
+        enc = tok.encode_batch(texts, add_special_tokens=False)
+        seconds += time.perf_counter() - t
+        tokens += sum(len(e.ids) for e in enc)
+
     for path in paths:
         contexts, qs = [], []
         with gzip.open(path, "rt", encoding="utf-8") as f:
@@ -123,33 +134,39 @@ def raw_tokenizer_speed(paths, tok):
                 if "context" in row:
                     contexts.append(row["context"])
                     qs += [qa["question"] for qa in row["qas"]]
-        for i in range(0, len(contexts), 2000):  # the same chunking as the store's build
-            t = time.perf_counter()
-            enc = tok.encode_batch(contexts[i:i + 2000], add_special_tokens=False)
-            seconds += time.perf_counter() - t
-            tokens += sum(len(e.ids) for e in enc)
-        for i in range(0, len(qs), 2000):
-            t = time.perf_counter()
-            enc = tok.encode_batch(qs[i:i + 2000], add_special_tokens=False)
-            seconds += time.perf_counter() - t
-            tokens += sum(len(e.ids) for e in enc)
-        del contexts, qs
+                if len(contexts) == 2000:
+                    timed(contexts)
+                    contexts = []
+                if len(qs) >= 2000:
+                    timed(qs)
+                    qs = []
+        for rest in (contexts, qs):
+            if rest:
+                timed(rest)
     return tokens, seconds
 
 
-def train_steps(model, source, batches, pad_id):
-    """Seconds of these training steps, each batch made by source(idx)."""
-    opt = torch.optim.AdamW(param_groups(model, 0.01), lr=1e-4)
-    t = time.perf_counter()
+def paired_steps(model, sources, batches):
+    """Seconds of training steps per source, measured in pairs: one copy of `model` (and its own AdamW) per
+    source, all fed the same batches, stepped in turn batch by batch, the order flipping every batch. Every
+    copy does the same arithmetic, so only the source differs, and the machine's drift (on a shared 2-core
+    VM, whole 100-step runs of the SAME batches differ by 5-8%) falls on all of them alike."""
+    models = {name: copy.deepcopy(model) for name in sources}
+    opts = {name: torch.optim.AdamW(param_groups(m, 0.01), lr=1e-4) for name, m in models.items()}
+    seconds, order = {name: 0.0 for name in sources}, list(sources)
     for idx in batches:
-        b = source(idx)
-        out = model(b["input_ids"], b["attention_mask"], b["token_type_ids"])
-        loss = span_ce_loss(out.start_logits, out.end_logits, b["start_positions"], b["end_positions"],
-                            b["attention_mask"])
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-    return time.perf_counter() - t
+        for name in order:
+            t = time.perf_counter()
+            b = sources[name](idx)
+            out = models[name](b["input_ids"], b["attention_mask"], b["token_type_ids"])
+            loss = span_ce_loss(out.start_logits, out.end_logits, b["start_positions"], b["end_positions"],
+                                b["attention_mask"])
+            loss.backward()
+            opts[name].step()
+            opts[name].zero_grad(set_to_none=True)
+            seconds[name] += time.perf_counter() - t
+        order.reverse()
+    return seconds
 
 
 def worker(fraction, work, steps, rounds):
@@ -205,13 +222,20 @@ def worker(fraction, work, steps, rounds):
     pad = tok.token_to_id("<pad>")
     from_store = lambda idx: store.batch(idx, pad)
     from_memory = lambda idx: collate([in_memory[i] for i in idx], with_labels=True, pad_id=pad)
-    for idx in steps_batches[:3]:  # the same batches either way
+    for idx in steps_batches:  # the same batches either way
         a, b = from_store(idx), from_memory(idx)
         assert all(torch.equal(a[k], b[k]) for k in b)
-    best = {"store": math.inf, "memory": math.inf}
+    # Batch assembly alone, then whole training steps, paired step by step (paired_steps).
+    sources = {"store": from_store, "memory": from_memory}
+    for name, source in sources.items():
+        t = time.perf_counter()
+        for idx in steps_batches:
+            source(idx)
+        out[f"{name}_batch_ms"] = 1000 * (time.perf_counter() - t) / len(steps_batches)
+    best = {name: math.inf for name in sources}
     for _ in range(rounds):
-        for name, source in (("store", from_store), ("memory", from_memory)):
-            best[name] = min(best[name], train_steps(student, source, steps_batches, pad))
+        for name, s in paired_steps(student, sources, steps_batches).items():
+            best[name] = min(best[name], s)
     out["steps"] = len(steps_batches)
     out["store_steps_per_s"] = len(steps_batches) / best["store"]
     out["memory_steps_per_s"] = len(steps_batches) / best["memory"]
@@ -241,7 +265,7 @@ def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sizes", type=float, nargs="+", default=[0.1, 0.3, 1.0], help="fractions of MRQA train's size")
     p.add_argument("--steps", type=int, default=300, help="training steps per timed run")
-    p.add_argument("--rounds", type=int, default=2, help="alternating rounds of store vs in-memory training")
+    p.add_argument("--rounds", type=int, default=2, help="rounds of paired store / in-memory training steps (best counts)")
     p.add_argument("--work", default=None, help="scratch folder (default: a temporary one, removed after)")
     p.add_argument("--worker", type=float, default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -259,16 +283,17 @@ def main():
         results.append(json.loads(line[7:]))
         print(json.dumps(results[-1]), flush=True)
     print(f"\n{'size':>6}{'questions':>11}{'windows':>10}{'peak RSS':>10}{'featurize':>12}{'raw':>12}{'ratio':>7}"
-          f"{'store':>9}{'cache w/s':>11}{'steps/s store':>15}{'in memory':>11}{'ratio':>7}")
+          f"{'store':>9}{'cache w/s':>11}{'steps/s store':>15}{'in memory':>11}{'ratio':>7}{'batch ms':>9}{'memory':>9}")
     for r in results:
         feat = (r["raw_tokens"]) / r["featurize_s"]
         raw = r["raw_tokens"] / r["raw_s"]
         print(f"{100 * r['fraction']:>5.0f}%{r['examples']:>11,}{r['windows']:>10,}{r['peak_rss_gb']:>8.2f}GB"
               f"{feat / 1e6:>9.2f}M/s{raw / 1e6:>9.2f}M/s{feat / raw:>7.2f}{r['store_bytes'] / 2**30:>7.2f}GB"
               f"{r['windows'] / r['teacher_cache_s']:>11.0f}{r['store_steps_per_s']:>15.2f}{r['memory_steps_per_s']:>11.2f}"
-              f"{r['store_steps_per_s'] / r['memory_steps_per_s']:>7.2f}")
+              f"{r['store_steps_per_s'] / r['memory_steps_per_s']:>7.2f}{r['store_batch_ms']:>9.2f}{r['memory_batch_ms']:>9.2f}")
     print("featurize and raw: tokens/s over the same contexts and questions (raw: encode_batch alone, text in memory); "
-          "store: its size on disk; cache w/s: teacher-cache windows/s (1 x 16 teacher)")
+          "store: its size on disk; cache w/s: teacher-cache windows/s (1 x 16 teacher); batch ms: assembling one "
+          "32-window batch from the store / from in-memory features")
 
 
 if __name__ == "__main__":
