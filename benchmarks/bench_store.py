@@ -20,7 +20,8 @@ Each size runs in a fresh process (its VmHWM is its own peak resident memory) an
   the same windows held in memory as featurize's Feature objects (the way training read them before),
   paired step by step (two copies of the student, stepped in turn on the same batches), and the batch
   assembly alone;
-- peak RSS (VmHWM) at the end, so after all of it.
+- peak RSS (VmHWM) at the end, so after all of it; it counts the pages of the memory-mapped store the
+  process has touched (an epoch touches them all), so the anonymous memory (RssAnon) is given too.
 Targets (issue 13): peak RSS at 100% under 3 GB and within 20% of 30%'s; featurization at least 0.8x the
 raw tokenizer; training steps/s within 5% of in-memory.
 """
@@ -109,8 +110,18 @@ def generate(folder, fraction, seed=0):
 
 
 def vm_hwm_gb():
+    return _status_gb("VmHWM")
+
+
+def rss_anon_gb():
+    """The process's own memory now (heap, stacks): RSS less the mapped files (the store's ids.bin, which
+    the kernel may drop and re-read at any time, shared by every rank that maps it)."""
+    return _status_gb("RssAnon")
+
+
+def _status_gb(field):
     with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 2**20
+        return next(int(line.split()[1]) for line in f if line.startswith(field + ":")) / 2**20
 
 
 def raw_tokenizer_speed(paths, tok):
@@ -194,7 +205,7 @@ def worker(fraction, work, steps, rounds):
     store = FeatureStore(folder, pair_layout(tok))
     out.update(windows=len(store), window_tokens=int(store.offsets[-1]), examples=store.info["examples"],
                store_bytes=sum(os.path.getsize(os.path.join(folder, f)) for f in os.listdir(folder)))
-    out["rss_after_featurize_gb"] = vm_hwm_gb()
+    out["rss_after_featurize_gb"], out["anon_after_featurize_gb"] = vm_hwm_gb(), rss_anon_gb()
 
     # --- teacher cache with a tiny teacher over every window
     torch.manual_seed(0)
@@ -211,7 +222,7 @@ def worker(fraction, work, steps, rounds):
     finish(tmp, cache_folder, store.lengths, {})
     out["teacher_cache_s"] = time.perf_counter() - t
     out["teacher_cache_bytes"] = os.path.getsize(os.path.join(cache_folder, "logits.npy"))
-    out["rss_after_cache_gb"] = vm_hwm_gb()
+    out["rss_after_cache_gb"], out["anon_after_cache_gb"] = vm_hwm_gb(), rss_anon_gb()
 
     # --- training steps: batches from the store vs the same windows as in-memory Feature objects
     student = EncoderForQA(EncoderConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
@@ -239,7 +250,7 @@ def worker(fraction, work, steps, rounds):
     out["steps"] = len(steps_batches)
     out["store_steps_per_s"] = len(steps_batches) / best["store"]
     out["memory_steps_per_s"] = len(steps_batches) / best["memory"]
-    out["peak_rss_gb"] = vm_hwm_gb()
+    out["peak_rss_gb"], out["anon_at_end_gb"] = vm_hwm_gb(), rss_anon_gb()
     print("RESULT " + json.dumps(out), flush=True)
 
 
@@ -283,17 +294,19 @@ def main():
         results.append(json.loads(line[7:]))
         print(json.dumps(results[-1]), flush=True)
     print(f"\n{'size':>6}{'questions':>11}{'windows':>10}{'peak RSS':>10}{'featurize':>12}{'raw':>12}{'ratio':>7}"
-          f"{'store':>9}{'cache w/s':>11}{'steps/s store':>15}{'in memory':>11}{'ratio':>7}{'batch ms':>9}{'memory':>9}")
+          f"{'store':>9}{'cache w/s':>11}{'steps/s store':>15}{'in memory':>11}{'ratio':>7}{'batch ms':>9}{'memory':>9}"
+          f"{'anon GB':>9}{'at end':>9}")
     for r in results:
         feat = (r["raw_tokens"]) / r["featurize_s"]
         raw = r["raw_tokens"] / r["raw_s"]
         print(f"{100 * r['fraction']:>5.0f}%{r['examples']:>11,}{r['windows']:>10,}{r['peak_rss_gb']:>8.2f}GB"
               f"{feat / 1e6:>9.2f}M/s{raw / 1e6:>9.2f}M/s{feat / raw:>7.2f}{r['store_bytes'] / 2**30:>7.2f}GB"
               f"{r['windows'] / r['teacher_cache_s']:>11.0f}{r['store_steps_per_s']:>15.2f}{r['memory_steps_per_s']:>11.2f}"
-              f"{r['store_steps_per_s'] / r['memory_steps_per_s']:>7.2f}{r['store_batch_ms']:>9.2f}{r['memory_batch_ms']:>9.2f}")
+              f"{r['store_steps_per_s'] / r['memory_steps_per_s']:>7.2f}{r['store_batch_ms']:>9.2f}{r['memory_batch_ms']:>9.2f}"
+              f"{r['anon_after_featurize_gb']:>9.2f}{r['anon_at_end_gb']:>9.2f}")
     print("featurize and raw: tokens/s over the same contexts and questions (raw: encode_batch alone, text in memory); "
           "store: its size on disk; cache w/s: teacher-cache windows/s (1 x 16 teacher); batch ms: assembling one "
-          "32-window batch from the store / from in-memory features")
+          "32-window batch from the store / from in-memory features; anon GB: RssAnon after featurization / at the end")
 
 
 if __name__ == "__main__":
