@@ -34,7 +34,7 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-from benchmarks.common import matmul_peak, shared_data  # noqa: E402
+from benchmarks.common import add_squad_speed_args, matmul_peak  # noqa: E402
 from tinyqa.features import FeaturizerConfig, featurize  # noqa: E402
 from tinyqa.infer import DecodeConfig, predict, quantize_int8, run_model  # noqa: E402
 from tinyqa.metrics import score_datasets  # noqa: E402
@@ -45,20 +45,12 @@ from tinyqa.weights import load_model  # noqa: E402
 
 
 def get_args():
-    d = shared_data()
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--n", type=int, default=1000, help="SQuAD dev questions per round")
-    p.add_argument("--rounds", type=int, default=3, help="alternating rounds; the best time of each contestant counts")
-    p.add_argument("--config", default=os.path.join(d, "configs", "tinyroberta.json"), help="HF config.json of the model")
-    p.add_argument("--tokenizer", default=os.path.join(d, "roberta-tokenizer"), help="RoBERTa tokenizer folder")
-    p.add_argument("--data", default=os.path.join(d, "mrqa", "SQuAD-dev-v1.1.jsonl.gz"), help="MRQA file")
-    p.add_argument("--batch-size", type=int, default=64, help="windows per forward pass, for every contestant")
+    add_squad_speed_args(p, "contestant")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     p.add_argument("--no-int8", action="store_true", help="skip the int8 contestant")
     p.add_argument("--no-rss", action="store_true", help="skip the evaluate.py peak-RSS child run")
     p.add_argument("--rss-only", action="store_true", help="only the evaluate.py peak-RSS child run")
-    p.add_argument("--accuracy-model", help="trained checkpoint on which to report int8's EM/F1 change")
-    p.add_argument("--accuracy-data", help="MRQA file for --accuracy-model")
     return p.parse_args()
 
 

@@ -31,7 +31,7 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-from benchmarks.common import matmul_peak, shared_data, cpu_name  # noqa: E402
+from benchmarks.common import add_squad_speed_args, cpu_name, matmul_peak  # noqa: E402
 from tinyqa.decode import DecodeConfig, decode  # noqa: E402
 from tinyqa.export import export_onnx  # noqa: E402
 from tinyqa.features import FeaturizerConfig, collate, featurize, length_sorted_batches  # noqa: E402
@@ -44,17 +44,9 @@ from tinyqa.weights import load_model, save_pretrained  # noqa: E402
 
 
 def get_args():
-    d = shared_data()
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--n", type=int, default=1000, help="SQuAD dev questions per round")
-    p.add_argument("--rounds", type=int, default=3, help="alternating rounds; each engine's best counts")
-    p.add_argument("--config", default=os.path.join(d, "configs", "tinyroberta.json"), help="HF config.json (random weights)")
-    p.add_argument("--tokenizer", default=os.path.join(d, "roberta-tokenizer"), help="RoBERTa tokenizer folder")
-    p.add_argument("--data", default=os.path.join(d, "mrqa", "SQuAD-dev-v1.1.jsonl.gz"), help="MRQA file")
-    p.add_argument("--batch-size", type=int, default=64, help="windows per forward pass (with the CPU token cap)")
+    add_squad_speed_args(p, "engine")
     p.add_argument("--engines", nargs="+", default=None, help="only these engines (names as in the table)")
-    p.add_argument("--accuracy-model", help="trained checkpoint for the int8 agreement and EM/F1 change")
-    p.add_argument("--accuracy-data", help="MRQA file for --accuracy-model")
     return p.parse_args()
 
 

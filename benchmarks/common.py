@@ -37,6 +37,24 @@ def minilm_folder(out):
     return d
 
 
+def add_squad_speed_args(p, what):
+    """The flags the inference benchmarks share: questions, rounds, model config, tokenizer, data, batch,
+    and the trained model for the int8 accuracy check.
+    `what` names the things timed against each other (for the --rounds help)."""
+    d = shared_data()
+    p.add_argument("--n", type=int, default=1000, help="SQuAD dev questions per round")
+    p.add_argument("--rounds", type=int, default=3, help=f"alternating rounds; the best time of each {what} counts")
+    p.add_argument("--config", default=os.path.join(d, "configs", "tinyroberta.json"),
+                   help="HF config.json of the model (random weights)")
+    p.add_argument("--tokenizer", default=os.path.join(d, "roberta-tokenizer"), help="RoBERTa tokenizer folder")
+    p.add_argument("--data", default=os.path.join(d, "mrqa", "SQuAD-dev-v1.1.jsonl.gz"), help="MRQA file")
+    p.add_argument("--batch-size", type=int, default=64,
+                   help=f"windows per forward pass (with the CPU token cap), for every {what}")
+    p.add_argument("--accuracy-model", help="trained checkpoint on which int8's answer agreement with fp32 and its "
+                                            "EM/F1 change are measured")
+    p.add_argument("--accuracy-data", help="MRQA file for --accuracy-model")
+
+
 def matmul_peak(seconds=2.0, n=2048):
     """The machine's fp32 matmul FLOP/s now: best of repeated n^3 torch.mm for `seconds`."""
     a, b = torch.randn(n, n), torch.randn(n, n)

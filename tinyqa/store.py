@@ -101,6 +101,20 @@ def build(files, tokenizer, fcfg, limit, skip_bad, folder, info, log=print, prog
     try:
         os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700; a shared cache must stay readable by others
         with open(os.path.join(tmp, "ids.bin"), "wb") as f, ThreadPoolExecutor(max_workers=1) as tokenizing:
+
+            def write(examples, encoding):  # one chunk's windows appended to ids.bin, lengths and meta
+                nonlocal n_examples, n_tokens
+                feats = featurize(examples, tokenizer, fcfg, with_labels=True, with_offsets=False,
+                                  encoded=encoding.result())
+                if feats:
+                    f.write(np.concatenate([x.input_ids for x in feats]).astype(dtype).tobytes())
+                    lengths.append(np.fromiter((len(x.input_ids) for x in feats), np.int64, len(feats)))
+                    meta.append(np.array([(n_examples + x.example_index, x.start_label, x.end_label, x.n_prefix)
+                                          for x in feats], dtype=np.int32))
+                    n_tokens += int(lengths[-1].sum())
+                n_examples += len(examples)
+                bar.update(len(feats))
+
             examples = (ex for _, ex in stream_files(files, limit, skip_bad, report, flag="--train"))
             pending = None  # the previous chunk, whose tokenization runs while this one is read
             for chunk in _chunks(examples, CHUNK_QUESTIONS):
@@ -111,12 +125,10 @@ def build(files, tokenizer, fcfg, limit, skip_bad, folder, info, log=print, prog
                 # chunk i is cut into windows and written here, and chunk i + 2 read and checked.
                 current = (keep, tokenizing.submit(encode, keep, tokenizer))
                 if pending is not None:
-                    n_examples, n_tokens = write_chunk(f, *pending, tokenizer, fcfg, dtype, n_examples, n_tokens,
-                                                       lengths, meta, bar)
+                    write(*pending)
                 pending = current
             if pending is not None:
-                n_examples, n_tokens = write_chunk(f, *pending, tokenizer, fcfg, dtype, n_examples, n_tokens,
-                                                   lengths, meta, bar)
+                write(*pending)
         bar.close()
         report.print(log)
         if n_no_span:
@@ -142,20 +154,6 @@ def build(files, tokenizer, fcfg, limit, skip_bad, folder, info, log=print, prog
     finally:
         bar.close()
         shutil.rmtree(tmp, ignore_errors=True)
-
-
-def write_chunk(f, examples, encoding, tokenizer, fcfg, dtype, n_examples, n_tokens, lengths, meta, bar):
-    """Cut one chunk's examples into windows (featurize, on their finished tokenization), append the token
-    ids to ids.bin and the lengths and (example, start, end, n_prefix) rows to the lists; new counts."""
-    feats = featurize(examples, tokenizer, fcfg, with_labels=True, with_offsets=False, encoded=encoding.result())
-    if feats:
-        f.write(np.concatenate([x.input_ids for x in feats]).astype(dtype).tobytes())
-        lengths.append(np.fromiter((len(x.input_ids) for x in feats), np.int64, len(feats)))
-        meta.append(np.array([(n_examples + x.example_index, x.start_label, x.end_label, x.n_prefix)
-                              for x in feats], dtype=np.int32))
-        n_tokens += int(lengths[-1].sum())
-    bar.update(len(feats))
-    return n_examples + len(examples), n_tokens
 
 
 def _chunks(iterable, n):
