@@ -15,6 +15,7 @@ from conftest import ROOT, synth_args
 
 import tinyqa.store as store_mod
 from tinyqa import load_model, load_tokenizer
+from tinyqa.errors import TinyQAError
 from tinyqa.features import FeaturizerConfig, collate, featurize, pair_layout
 from tinyqa.mrqa import read_mrqa
 from tinyqa.synthetic import make_dataset, train_tokenizer, write_mrqa
@@ -62,6 +63,40 @@ def test_store_gives_featurize_windows_and_labels(data, tmp_path, monkeypatch, k
     if kind == "wordpiece":  # token types rebuilt: [CLS] question [SEP] are 0, the context and last [SEP] 1
         assert s.batch([0], pad)["token_type_ids"].sum() > 0
     assert s.ids.dtype == np.uint16  # 800 tokens fit two bytes
+
+
+def _rss_kb(field):
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="reads VmRSS from Linux's /proc")
+def test_reading_a_whole_store_file_does_not_grow_resident_memory(tmp_path):
+    """RowFile (the store's ids, the teacher's logits) gives the rows np.fromfile gives, with a header skipped,
+    and an epoch over a 64 MB file leaves the process's RSS where it was: the bytes stay in the page cache.
+    A memory map of the same file, read the same way, grows it by the whole file (checked here too, so the
+    measurement itself is shown able to see it)."""
+    from tinyqa.files import RowFile
+    rows = np.random.default_rng(0).integers(-30000, 30000, size=(16 << 20, 2), dtype=np.int16)  # 64 MB
+    path = tmp_path / "rows.bin"
+    with open(path, "wb") as f:
+        f.write(b"header!")
+        f.write(rows.tobytes())
+    r = RowFile(str(path), np.int16, (2,), start=7)
+    assert len(r) == len(rows)
+    assert np.array_equal(r.read(5, 9), rows[5:9]) and r.read(3, 3).shape == (0, 2)
+    with pytest.raises(TinyQAError, match="rows.bin"):
+        r.read(len(rows) - 1, len(rows) + 1)
+    step = 1 << 16
+    before = _rss_kb("VmRSS")
+    total = sum(int(r.read(a, a + step)[:, 0].astype(np.int64).sum()) for a in range(0, len(rows), step))
+    grown_pread = _rss_kb("VmRSS") - before
+    assert total == int(rows[:, 0].astype(np.int64).sum())
+    mapped = np.memmap(path, np.int16, "r", offset=7, shape=rows.shape)
+    before = _rss_kb("VmRSS")
+    total = sum(int(np.asarray(mapped[a:a + step, 0]).astype(np.int64).sum()) for a in range(0, len(rows), step))
+    grown_mmap = _rss_kb("VmRSS") - before
+    assert grown_mmap > 48_000 and grown_pread < 8_000, (grown_pread, grown_mmap)
 
 
 def test_store_is_reused_and_rebuilt_when_its_key_changes(data, tmp_path, monkeypatch):

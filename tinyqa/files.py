@@ -5,6 +5,7 @@
   a kill mid-write leaves the old file as it was.
 - `file_sha256(path)`: the content hash that keys the teacher-logit cache, remembered per
   (path, size, mtime, ctime, inode) so that a multi-GB teacher is hashed once, not on every run.
+- `RowFile`: a flat on-disk array (the feature store's token ids, the teacher's logits) read by row ranges.
 """
 import errno
 import hashlib
@@ -12,6 +13,8 @@ import json
 import os
 import tempfile
 from contextlib import contextmanager
+
+import numpy as np
 
 from .errors import TinyQAError
 
@@ -105,3 +108,29 @@ def read_json(path, what="JSON", kind=dict):
     if not isinstance(value, kind):
         raise TinyQAError(f"{path}: {what} must be a JSON {kind.__name__}, not a {type(value).__name__}")
     return value
+
+
+class RowFile:
+    """Rows [a, b) of a flat array stored in a file from byte `start` on, read with pread: `read(a, b)`.
+
+    Why not np.memmap: every page of a memory map that a process touches counts in its resident memory
+    (VmRSS) until the kernel reclaims it, so an epoch over a 0.6 GB store and a 1.2 GB logit file (MRQA
+    train) would grow each rank's RSS by 1.8 GB. Bytes read with pread sit in the kernel's page cache
+    instead, shared by every process and rank that reads the file, and dropped under memory pressure like
+    a map's pages; the process holds only the batch it asked for. One system call per window, ~2 us."""
+
+    def __init__(self, path, dtype, row_shape=(), start=0):
+        self.path, self.dtype, self.row_shape, self.start = path, np.dtype(dtype), tuple(row_shape), start
+        self.row_bytes = self.dtype.itemsize * int(np.prod(self.row_shape, dtype=np.int64))
+        self.file = open(path, "rb", buffering=0)  # closed with the object
+        self.rows = (os.fstat(self.file.fileno()).st_size - start) // self.row_bytes
+
+    def __len__(self):
+        return self.rows
+
+    def read(self, a, b) -> np.ndarray:
+        a, b = int(a), int(b)
+        if not 0 <= a <= b <= self.rows:
+            raise TinyQAError(f"{self.path}: rows {a}:{b} asked of a file of {self.rows}; the file is damaged: delete it")
+        data = os.pread(self.file.fileno(), (b - a) * self.row_bytes, self.start + a * self.row_bytes)
+        return np.frombuffer(data, self.dtype).reshape(b - a, *self.row_shape)

@@ -1,4 +1,4 @@
-"""The training windows on disk: featurized once in a stream, then memory-mapped by every epoch, run and rank.
+"""The training windows on disk: featurized once in a stream, then read by every epoch, run and rank.
 
 MRQA's train split is 516,819 questions and about a million windows; held as Python objects that is tens of
 GB per process. Instead the examples are read, tokenized and cut into windows a chunk at a time
@@ -10,7 +10,8 @@ are appended to flat arrays on disk. Layout of a store folder `<root>/<key>/`:
                   (special tokens and question: what the token types are rebuilt from)
     key.json      what the key was made of, and the counts
 Memory while building is one chunk of examples; afterwards a store costs its page cache, shared by every
-process that maps it.
+process that reads it: the small arrays (offsets, windows: 12 bytes a window) are loaded, the token ids read
+per window with pread (tinyqa/files.py's RowFile: a memory map's touched pages would count in each rank's RSS).
 
 What keeps it trustworthy, as for the teacher-logit cache (tinyqa/teacher_cache.py):
 - the key hashes the training files' content, the whole tokenizer (not only its vocabulary: merges and
@@ -35,7 +36,7 @@ import torch
 
 from .errors import TinyQAError
 from .features import encode, featurize, pair_layout
-from .files import _umask, disk_error, file_sha256
+from .files import RowFile, _umask, disk_error, file_sha256
 from .mrqa import ReadReport, stream_files
 from .teacher_cache import lock
 
@@ -168,7 +169,7 @@ def _chunks(iterable, n):
 
 
 class FeatureStore:
-    """A built store, memory-mapped: len(), the windows' lengths, and padded batches read straight from disk."""
+    """A built store: len(), the windows' lengths, and padded batches read straight from disk."""
 
     def __init__(self, folder, layout):
         try:
@@ -176,13 +177,11 @@ class FeatureStore:
                 self.info = json.load(f)
             self.offsets = np.load(os.path.join(folder, "offsets.npy"))
             self.windows = np.load(os.path.join(folder, "windows.npy"))
-            # A plain ndarray over the mapped file: slicing a np.memmap builds a memmap object per slice.
-            self.ids = np.memmap(os.path.join(folder, "ids.bin"), dtype=self.info["dtype"], mode="r",
-                                 shape=(int(self.offsets[-1]),)).view(np.ndarray)
-        except (OSError, ValueError, KeyError) as e:
+            self.ids = RowFile(os.path.join(folder, "ids.bin"), self.info["dtype"])
+        except (OSError, ValueError, KeyError, TypeError) as e:
             raise TinyQAError(f"{folder}: damaged feature store ({e}); delete the folder to rebuild it")
-        if len(self.windows) != len(self.offsets) - 1:
-            raise TinyQAError(f"{folder}: damaged feature store (windows and offsets disagree); delete it to rebuild")
+        if len(self.windows) != len(self.offsets) - 1 or len(self.ids) != self.offsets[-1]:
+            raise TinyQAError(f"{folder}: damaged feature store (windows, offsets and ids disagree); delete it to rebuild")
         self.folder, self.layout = folder, layout
 
     def __len__(self):
@@ -202,7 +201,7 @@ class FeatureStore:
         types = np.zeros((len(idx), L), dtype=np.int64)
         lay = self.layout
         for row, (i, n) in enumerate(zip(idx, lengths)):
-            ids[row, :n] = self.ids[self.offsets[i]:self.offsets[i + 1]]
+            ids[row, :n] = self.ids.read(self.offsets[i], self.offsets[i + 1])
             mask[row, :n] = 1
             if lay.max_type:  # BERT-style segments, rebuilt from where the context starts
                 n_prefix = int(self.windows[i, 3])

@@ -29,7 +29,7 @@ import torch
 
 from .errors import TinyQAError
 from .features import length_sorted_batches
-from .files import _umask, disk_error, file_sha256
+from .files import RowFile, _umask, disk_error, file_sha256
 
 
 def default_root():
@@ -145,7 +145,11 @@ def finish(tmp, folder, lengths, info):
 class TeacherCache:
     def __init__(self, folder, lengths):
         try:
-            self.logits = np.load(os.path.join(folder, "logits.npy"), mmap_mode="r")
+            path = os.path.join(folder, "logits.npy")
+            with open(path, "rb") as f:  # read per window with pread, not memory-mapped (RowFile says why)
+                np.lib.format.read_magic(f)
+                shape, _, dtype = np.lib.format.read_array_header_1_0(f)
+                self.logits = RowFile(path, dtype, shape[1:], start=f.tell())
             self.offsets = np.load(os.path.join(folder, "offsets.npy"))
         except (OSError, ValueError) as e:
             raise TinyQAError(f"{folder}: damaged teacher cache ({e}); delete the folder to recompute it")
@@ -159,6 +163,6 @@ class TeacherCache:
         out = np.zeros((len(idx), L, 2), dtype=np.float32)
         for row, i in enumerate(idx):
             a, b = self.offsets[i], self.offsets[i + 1]
-            out[row, : b - a] = self.logits[a:b]
+            out[row, : b - a] = self.logits.read(a, b)
         t = torch.from_numpy(out)
         return t[..., 0], t[..., 1]

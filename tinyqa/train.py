@@ -522,7 +522,7 @@ def forward_backward(args, ddp, scaler, autocast, store, global_idx, rank, world
         # every rank to reach the same all-reduces.
         weight = len(idx) / len(global_idx) * world
         idx = idx or global_idx[:1]
-        batch = store.batch(idx, ddp_config(ddp).pad_token_id)  # read from the memory-mapped store
+        batch = store.batch(idx, ddp_config(ddp).pad_token_id)  # read from the on-disk store
         batch = {k: v.to(device) for k, v in batch.items()}
         sync = ddp.no_sync() if world > 1 and j < len(micro) - 1 else nullcontext()
         with sync:
@@ -626,7 +626,7 @@ def train(args):
         model.qa_outputs.requires_grad_(False)
         trained = ProjectedStudent(model, load_model_config(dirs["teacher"]).hidden_size).to(device)
 
-    # --- data: featurized once into the on-disk store (the first process builds it, all memory-map it)
+    # --- data: featurized once into the on-disk store (the first process builds it, all read it)
     train_files = args.train or split_files("train", progress=master and not args.quiet, flag="--train")
     fcfg = FeaturizerConfig(args.max_seq_len, args.doc_stride, args.max_query_length)
     store = open_store(args.feature_store or store_root(), train_files, tokenizer, fcfg, args.limit, args.skip_bad,
