@@ -563,6 +563,30 @@ def test_trim_offsets_matches_stripping_each_token():
         assert trim_offsets(text, off).tolist() == expected, (text, off.tolist())
 
 
+@pytest.mark.parametrize("kind", ["roberta", "bert", "deberta-v2"])
+def test_training_labels_without_offsets_equal_the_offset_search(kind, toks, best_pairs):
+    """Training featurizes without offsets (with_offsets=False): each span's tokens come from the tokenizer's
+    char_to_token and token_to_chars instead. Oracle: the search over every token's trimmed offsets that
+    decoding's featurize does. Random spans of real contexts and of text where tokens share a character
+    (emoji split by byte-level BPE) or cover none (zero-width, combining marks), windows small enough that
+    spans cross their borders."""
+    _, tok = toks[kind]
+    rng = np.random.default_rng(1)
+    odd = "Hi 😀😀 there\u3000friend  \u200b x\u0301y \U0001F1EB\U0001F1F7 " * 6 + "The answer is 🎉🎉 here."
+    examples = []
+    for k, text in enumerate([c for _, c in best_pairs[:40]] + [odd] * 4):
+        for j in range(12):
+            a = int(rng.integers(0, len(text) - 1))
+            b = min(len(text), a + int(rng.integers(1, 25)))
+            examples.append(Example(f"{k}-{j}", "Where is it?", text, [text[a:b]], (a, b)))
+    fcfg = FeaturizerConfig(max_seq_len=48, doc_stride=16, max_query_length=16)
+    oracle = featurize(examples, tok, fcfg, with_labels=True, with_offsets=True)
+    fast = featurize(examples, tok, fcfg, with_labels=True, with_offsets=False)
+    assert [(f.example_index, f.start_label, f.end_label) for f in fast] == \
+           [(f.example_index, f.start_label, f.end_label) for f in oracle]
+    assert sum(f.start_label > 0 for f in fast) > len(examples) // 2
+
+
 def test_model_and_tokenizer_mismatch_is_a_clear_error(toks):
     """A BERT tokenizer (pad 0, types 0/1) with a RoBERTa model, or windows longer than the model: one line."""
     from tinyqa.infer import predict
