@@ -20,8 +20,9 @@ Each size runs in a fresh process (its VmHWM is its own peak resident memory) an
   the same windows held in memory as featurize's Feature objects (the way training read them before),
   paired step by step (two copies of the student, stepped in turn on the same batches), and the batch
   assembly alone;
-- peak RSS (VmHWM) at the end, so after all of it; it counts the pages of the memory-mapped store the
-  process has touched (an epoch touches them all), so the anonymous memory (RssAnon) is given too.
+- peak RSS (VmHWM) at the end, so after all of it, and the anonymous memory (RssAnon). The store's ids and
+  the teacher's logits are read with pread (tinyqa/files.py's RowFile), so they sit in the page cache and
+  not in RSS; with a memory map, an epoch's touched pages made RSS grow by the store's size.
 Targets (issue 13): peak RSS at 100% under 3 GB and within 20% of 30%'s; featurization at least 0.8x the
 raw tokenizer; training steps/s within 5% of in-memory.
 """

@@ -117,7 +117,8 @@ class RowFile:
     (VmRSS) until the kernel reclaims it, so an epoch over a 0.6 GB store and a 1.2 GB logit file (MRQA
     train) would grow each rank's RSS by 1.8 GB. Bytes read with pread sit in the kernel's page cache
     instead, shared by every process and rank that reads the file, and dropped under memory pressure like
-    a map's pages; the process holds only the batch it asked for. One system call per window, ~2 us."""
+    a map's pages; the process holds only the batch it asked for. One system call per window: ~10 us for
+    384 tokens on a busy 2-core VM (a copy out of a memory map: ~4), well under 1 ms per 32-window batch."""
 
     def __init__(self, path, dtype, row_shape=(), start=0):
         self.path, self.dtype, self.row_shape, self.start = path, np.dtype(dtype), tuple(row_shape), start
