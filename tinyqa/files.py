@@ -133,5 +133,10 @@ class RowFile:
         a, b = int(a), int(b)
         if not 0 <= a <= b <= self.rows:
             raise TinyQAError(f"{self.path}: rows {a}:{b} asked of a file of {self.rows}; the file is damaged: delete it")
-        data = os.pread(self.file.fileno(), (b - a) * self.row_bytes, self.start + a * self.row_bytes)
+        size, at = (b - a) * self.row_bytes, self.start + a * self.row_bytes
+        if hasattr(os, "pread"):
+            data = os.pread(self.file.fileno(), size, at)
+        else:  # Windows has no pread; the handle is this object's own, so seek and read are as good
+            self.file.seek(at)
+            data = self.file.read(size)
         return np.frombuffer(data, self.dtype).reshape(b - a, *self.row_shape)
