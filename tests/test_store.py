@@ -99,6 +99,16 @@ def test_reading_a_whole_store_file_does_not_grow_resident_memory(tmp_path):
     assert grown_mmap > 48_000 and grown_pread < 8_000, (grown_pread, grown_mmap)
 
 
+def test_row_file_without_pread_reads_the_same_rows(tmp_path, monkeypatch):
+    """Where the OS has no pread (Windows), RowFile seeks and reads: the same rows."""
+    from tinyqa.files import RowFile
+    rows = np.arange(3000, dtype=np.int32).reshape(-1, 3)
+    (tmp_path / "r.bin").write_bytes(b"hdr" + rows.tobytes())
+    r = RowFile(str(tmp_path / "r.bin"), np.int32, (3,), start=3)
+    monkeypatch.delattr(os, "pread", raising=False)
+    assert np.array_equal(r.read(7, 12), rows[7:12]) and np.array_equal(r.read(0, len(rows)), rows)
+
+
 def test_store_is_reused_and_rebuilt_when_its_key_changes(data, tmp_path, monkeypatch):
     builds = []
     real = store_mod.build
