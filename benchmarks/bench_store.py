@@ -115,8 +115,8 @@ def vm_hwm_gb():
 
 
 def rss_anon_gb():
-    """The process's own memory now (heap, stacks): RSS less the mapped files (the store's ids.bin, which
-    the kernel may drop and re-read at any time, shared by every rank that maps it)."""
+    """The process's own memory now (heap, stacks): RSS less any mapped files (the libraries; the store's
+    ids and the teacher's logits are read with pread, so they are in neither)."""
     return _status_gb("RssAnon")
 
 

@@ -10,7 +10,7 @@ are appended to flat arrays on disk. Layout of a store folder `<root>/<key>/`:
                   (special tokens and question: what the token types are rebuilt from)
     key.json      what the key was made of, and the counts
 Memory while building is one chunk of examples; afterwards a store costs its page cache, shared by every
-process that reads it: the small arrays (offsets, windows: 12 bytes a window) are loaded, the token ids read
+process that reads it: the small arrays (offsets and windows: 24 bytes a window) are loaded, the token ids read
 per window with pread (tinyqa/files.py's RowFile: a memory map's touched pages would count in each rank's RSS).
 
 What keeps it trustworthy, as for the teacher-logit cache (tinyqa/teacher_cache.py):

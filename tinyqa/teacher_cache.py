@@ -98,6 +98,13 @@ def start(folder, lengths):
     return tmp
 
 
+def _read_header(f):
+    """(shape, dtype) of the .npy file open as f, which is left at its first byte of data."""
+    np.lib.format.read_magic(f)
+    shape, _, dtype = np.lib.format.read_array_header_1_0(f)
+    return shape, dtype
+
+
 @torch.inference_mode()
 def compute(teacher, store, tmp, batches, device, autocast, progress=True):
     """Run the teacher over the windows of `batches` (lists of window indices into the feature store) and
@@ -108,8 +115,7 @@ def compute(teacher, store, tmp, batches, device, autocast, progress=True):
     path = os.path.join(tmp, "logits.npy")
     try:
         with open(path, "r+b") as f:
-            np.lib.format.read_magic(f)
-            np.lib.format.read_array_header_1_0(f)
+            _read_header(f)
             header = f.tell()  # where the logits start
             for idx in tqdm(batches, desc="teacher logits", disable=not progress):
                 batch = store.batch(idx, teacher.config.pad_token_id, with_labels=False)
@@ -147,8 +153,7 @@ class TeacherCache:
         try:
             path = os.path.join(folder, "logits.npy")
             with open(path, "rb") as f:  # read per window with pread, not memory-mapped (RowFile says why)
-                np.lib.format.read_magic(f)
-                shape, _, dtype = np.lib.format.read_array_header_1_0(f)
+                shape, dtype = _read_header(f)
                 self.logits = RowFile(path, dtype, shape[1:], start=f.tell())
             self.offsets = np.load(os.path.join(folder, "offsets.npy"))
         except (OSError, ValueError) as e:
