@@ -2,7 +2,8 @@
 
     python benchmarks/real_squad.py                                  # 2-core CPU, the defaults (see README)
     python benchmarks/real_squad.py --device cuda --precision bf16 --max-seq-len 384 --doc-stride 128 \
-        --teacher-epochs 3 --student-epochs 3 --batch-size 32       # the full recipe on a GPU
+        --teacher-epochs 3 --student-epochs 3 --student-batch-size 32 --attention-dropout 0.1
+                                                                     # the full recipe on a GPU
 
 1. SQuAD v1.1 dev (../shared/data/mrqa, MRQA format) is split by ARTICLE (a context's id is
    "<article title>-<paragraph>"), never by question: a seeded ~80% of the articles to train on, the rest
@@ -15,21 +16,25 @@
    that same init: distilled with train_distill.py's loop (the card's w = 0.75, T = 1.5, cached teacher
    logits) and with the span loss only (train_finetune.py's loop).
 4. A table like the card's: parameters, held-out EM/F1, questions/s (featurize + forward + decode of the
-   held-out questions, teacher and student timed alternately in this process, best of --rounds).
+   held-out questions, every model timed in turn in this process; --rounds N adds N alternating rounds of
+   teacher and distilled student and keeps each one's best).
 
-The recipe, scaled to the data (the card's is for 516k questions on GPUs): lr 3e-4 for the teacher (1
-epoch) and for the students (2 epochs) instead of 1e-5 / 3e-5, because 8k questions give ~260 steps an
-epoch instead of tens of thousands (small BERTs are usually fine-tuned on SQuAD at 1e-4 and above; at 1e-4
-the teacher had not converged in one epoch here); batch 32, warmup 0.1. The students get two epochs because
-one left the distilled student at 78% of the teacher's F1 (50.2 vs 64.1), two at 87% (56.1 vs 64.3). On 2 CPU cores
+The recipe, scaled to the data (the card's is for 516k questions on GPUs): the teacher 1 epoch at lr 3e-4 and
+batch 32 instead of 1e-5, because 8k questions give ~290 steps an epoch instead of tens of thousands (small
+BERTs are usually fine-tuned on SQuAD at 1e-4 and above; at 1e-4 the teacher had not converged in one epoch
+here); warmup 0.1 for all. The students get the hour's remaining budget, one epoch, spent as batch 16 at lr
+6e-4: twice the optimizer steps of batch 32 over the same windows. Measured for the distilled student against
+the teacher's F1 64.3: batch 32 at lr 3e-4 78% (an earlier run); batch 16 at lr 3e-4 82.0%; batch 16 at lr
+6e-4 85.5% (two epochs at batch 32, lr 3e-4: 87.2%, but the whole run then took 76 minutes). On 2 CPU cores
 the windows are 256 tokens (stride 64) instead of 384 (128): SQuAD's paragraphs average ~150 tokens (the
 windows here: mean 165, 12% at 256), so few questions need a second window either way, and every step is
-cheaper. Each step's 32 windows run as 4 micro-batches grouped by length (--grad-accum 4): the same
-gradient, but a micro-batch of short windows no longer pads to the longest of the 32: the teacher trained
-at 8.1 windows/s instead of 6.1 (benchmarks/bench_micro_batches.py and the README have more).
-Attention dropout is 0 (--attention-dropout; the checkpoint's is 0.1, hidden dropout stays 0.1): with
-dropout, PyTorch's CPU attention leaves its fused kernel and draws a random mask over every (head, query,
-key), measured at 17% of a MiniLM training step here. On a GPU pass --attention-dropout 0.1.
+cheaper. Each of the teacher's steps runs its 32 windows as 4 micro-batches grouped by length (--grad-accum 4;
+the students' 16 as 2): the same gradient, but a micro-batch of short windows no longer pads to the longest of
+the 32: the teacher trained at 8.1 windows/s instead of 6.1 (benchmarks/bench_micro_batches.py and the README
+have more).
+Attention dropout is 0 (--attention-dropout; the checkpoint's is 0.1, hidden dropout stays 0.1): with dropout,
+PyTorch's CPU attention leaves its fused kernel and draws a random mask over every (head, query, key),
+measured at 17% of a MiniLM training step here. On a GPU pass --attention-dropout 0.1.
 """
 import argparse
 import dataclasses
@@ -45,7 +50,7 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 from benchmarks.common import minilm_folder, squad_dev  # noqa: E402
-from tinyqa.checks import learning_rate, positive_int  # noqa: E402
+from tinyqa.checks import learning_rate, nonneg_int, positive_int  # noqa: E402
 from tinyqa.decode import DecodeConfig  # noqa: E402
 from tinyqa.features import FeaturizerConfig  # noqa: E402
 from tinyqa.infer import predict  # noqa: E402
@@ -68,19 +73,23 @@ def get_args(argv=None):
     p.add_argument("--heldout-limit", type=positive_int, default=None, help="evaluate only the first N held-out questions")
     p.add_argument("--max-seq-len", type=positive_int, default=256, help="tokens per window (the card: 384)")
     p.add_argument("--doc-stride", type=int, default=64, help="window overlap (the card: 128)")
-    p.add_argument("--batch-size", type=positive_int, default=32, help="windows per optimizer step")
+    p.add_argument("--batch-size", type=positive_int, default=32, help="windows per optimizer step of the teacher")
     p.add_argument("--grad-accum", type=positive_int, default=4,
-                   help="micro-batches per step, split by window length (the same gradient, less padding; see above)")
+                   help="the teacher's micro-batches per step, split by window length (the same gradient, less "
+                        "padding; see above)")
     p.add_argument("--teacher-epochs", type=positive_int, default=1, help="fine-tuning epochs of the teacher")
     p.add_argument("--teacher-lr", type=learning_rate, default=3e-4, help="peak lr of the teacher's fine-tuning")
     p.add_argument("--student-layers", type=positive_int, default=3, help="student depth (a divisor of 6)")
-    p.add_argument("--student-epochs", type=positive_int, default=2, help="epochs of both students (the same budget)")
-    p.add_argument("--student-lr", type=learning_rate, default=3e-4, help="peak lr of both students")
+    p.add_argument("--student-epochs", type=positive_int, default=1, help="epochs of both students (the same budget)")
+    p.add_argument("--student-lr", type=learning_rate, default=6e-4, help="peak lr of both students")
+    p.add_argument("--student-batch-size", type=positive_int, default=16, help="windows per optimizer step of both students")
+    p.add_argument("--student-grad-accum", type=positive_int, default=2, help="micro-batches per step of both students")
     p.add_argument("--attention-dropout", type=float, default=0.0,
                    help="attention dropout of every model trained here (all-MiniLM-L6-v2's own is 0.1; see above)")
     p.add_argument("--device", default="cpu", help="torch device")
     p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32", help="autocast dtype on CUDA")
-    p.add_argument("--rounds", type=positive_int, default=2, help="alternating timing rounds of teacher and student")
+    p.add_argument("--rounds", type=nonneg_int, default=0,
+                   help="extra alternating timing rounds of teacher and student (each model's q/s: best of 1 + rounds)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     args = p.parse_args(argv)
     if not args.data or not os.path.exists(args.data):
@@ -127,9 +136,9 @@ def run_training(distill, flags):
     return train(build_parser(distill).parse_args(flags))
 
 
-def train_flags(args, train_file, out, epochs, lr):
+def train_flags(args, train_file, out, epochs, lr, batch_size, grad_accum):
     return ["--train", train_file, "--out", out, "--max-seq-len", str(args.max_seq_len), "--doc-stride",
-            str(args.doc_stride), "--batch-size", str(args.batch_size), "--grad-accum", str(args.grad_accum), "--epochs", str(epochs), "--lr", str(lr),
+            str(args.doc_stride), "--batch-size", str(batch_size), "--grad-accum", str(grad_accum), "--epochs", str(epochs), "--lr", str(lr),
             "--warmup-proportion", "0.1", "--seed", str(args.seed), "--save-every", "0", "--device", args.device,
             "--precision", args.precision, "--overwrite", *(["--limit", str(args.train_limit)] if args.train_limit else []),
             *(["--quiet"] if args.quiet else [])]
@@ -177,7 +186,8 @@ def main(argv=None):
     t = time.perf_counter()
     print(f"\n== teacher: all-MiniLM-L6-v2 + QA head, span loss, {args.teacher_epochs} epochs, lr {args.teacher_lr}")
     run_training(False, ["--model", dirs["untrained"], *train_flags(args, train_file, dirs["teacher"],
-                                                                     args.teacher_epochs, args.teacher_lr)])
+                                                                     args.teacher_epochs, args.teacher_lr,
+                                                                     args.batch_size, args.grad_accum)])
     seconds["teacher"] = time.perf_counter() - t
 
     # --- the student's init: the teacher's embeddings, layers k, 2k, ... and QA head
@@ -187,16 +197,18 @@ def main(argv=None):
     print(f"\n== student: {args.student_layers} layers from the teacher's layers {layers}")
 
     # --- the two students, same init and budget
-    student_flags = train_flags(args, train_file, None, args.student_epochs, args.student_lr)
+    student_flags = train_flags(args, train_file, None, args.student_epochs, args.student_lr,
+                                args.student_batch_size, args.student_grad_accum)
     t = time.perf_counter()
-    print(f"== student distilled (w 0.75, T 1.5, cached teacher logits), {args.student_epochs} epochs")
+    print(f"== student distilled (w 0.75, T 1.5, cached teacher logits), {args.student_epochs} epochs, "
+          f"batch {args.student_batch_size}, lr {args.student_lr}")
     flags = list(student_flags)
     flags[flags.index("--out") + 1] = dirs["student-distilled"]
     run_training(True, ["--teacher", dirs["teacher"], "--student", dirs["student-init"], "--teacher-cache",
                         os.path.join(args.out, "teacher-logits"), *flags])
     seconds["student-distilled"] = time.perf_counter() - t
     t = time.perf_counter()
-    print(f"== student with the span loss only, {args.student_epochs} epochs")
+    print("== student with the span loss only, the same epochs, batch and lr")
     flags[flags.index("--out") + 1] = dirs["student-ce"]
     run_training(False, ["--model", dirs["student-init"], *flags])
     seconds["student-ce"] = time.perf_counter() - t
