@@ -13,7 +13,8 @@ questions are real SQuAD questions, answers a span of the context. Tokenized wit
 
 Each size runs in a fresh process (its VmHWM is its own peak resident memory) and reports:
 - featurization: the store build (read, validate, tokenize, cut windows, label, write) in tokens/s against
-  the tokenizer alone (`encode_batch` over the same contexts and questions, already in memory), same process;
+  the tokenizer alone (`encode_batch` over the same contexts and questions, already in memory), same process,
+  timed once before the build and once after it (their mean: the machine's speed drifts within minutes);
 - the store's size on disk, windows and tokens;
 - the teacher-logit cache over every window with a tiny teacher (1 x 16), in windows/s;
 - training steps/s of a tiny student (2 x 64) with batches read from the store against the same steps with
@@ -201,6 +202,9 @@ def worker(fraction, work, steps, rounds):
     t = time.perf_counter()
     build(paths, tok, fcfg, None, False, folder, info, log=lambda *a: None, progress=False)
     out["featurize_s"] = time.perf_counter() - t
+    # raw again after the build: the ratio uses the mean of the two, which brackets the build in time (this
+    # VM's speed drifts by 10% between minutes; one raw pass before a 5-minute build measured 0.80 or 0.94)
+    out["raw_s_after"] = raw_tokenizer_speed(paths, tok)[1]
     from tinyqa.features import pair_layout
     from tinyqa.store import FeatureStore
     store = FeatureStore(folder, pair_layout(tok))
@@ -299,13 +303,14 @@ def main():
           f"{'anon GB':>9}{'at end':>9}")
     for r in results:
         feat = (r["raw_tokens"]) / r["featurize_s"]
-        raw = r["raw_tokens"] / r["raw_s"]
+        raw = r["raw_tokens"] / ((r["raw_s"] + r.get("raw_s_after", r["raw_s"])) / 2)
         print(f"{100 * r['fraction']:>5.0f}%{r['examples']:>11,}{r['windows']:>10,}{r['peak_rss_gb']:>8.2f}GB"
               f"{feat / 1e6:>9.2f}M/s{raw / 1e6:>9.2f}M/s{feat / raw:>7.2f}{r['store_bytes'] / 2**30:>7.2f}GB"
               f"{r['windows'] / r['teacher_cache_s']:>11.0f}{r['store_steps_per_s']:>15.2f}{r['memory_steps_per_s']:>11.2f}"
               f"{r['store_steps_per_s'] / r['memory_steps_per_s']:>7.2f}{r['store_batch_ms']:>9.2f}{r['memory_batch_ms']:>9.2f}"
               f"{r['anon_after_featurize_gb']:>9.2f}{r['anon_at_end_gb']:>9.2f}")
-    print("featurize and raw: tokens/s over the same contexts and questions (raw: encode_batch alone, text in memory); "
+    print("featurize and raw: tokens/s over the same contexts and questions (raw: encode_batch alone, text in memory, "
+          "timed before and after the build, the mean of the two); "
           "store: its size on disk; cache w/s: teacher-cache windows/s (1 x 16 teacher); batch ms: assembling one "
           "32-window batch from the store / from in-memory features; anon GB: RssAnon after featurization / at the end")
 
