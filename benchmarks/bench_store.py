@@ -203,7 +203,7 @@ def worker(fraction, work, steps, rounds):
     build(paths, tok, fcfg, None, False, folder, info, log=lambda *a: None, progress=False)
     out["featurize_s"] = time.perf_counter() - t
     # raw again after the build: the ratio uses the mean of the two, which brackets the build in time (this
-    # VM's speed drifts by 10% between minutes; one raw pass before a 5-minute build measured 0.80 or 0.94)
+    # VM's tokenizer speed moved from 0.78 to 0.64M tokens/s across one 10% build)
     out["raw_s_after"] = raw_tokenizer_speed(paths, tok)[1]
     from tinyqa.features import pair_layout
     from tinyqa.store import FeatureStore
@@ -303,7 +303,7 @@ def main():
           f"{'anon GB':>9}{'at end':>9}")
     for r in results:
         feat = (r["raw_tokens"]) / r["featurize_s"]
-        raw = r["raw_tokens"] / ((r["raw_s"] + r.get("raw_s_after", r["raw_s"])) / 2)
+        raw = r["raw_tokens"] / ((r["raw_s"] + r["raw_s_after"]) / 2)
         print(f"{100 * r['fraction']:>5.0f}%{r['examples']:>11,}{r['windows']:>10,}{r['peak_rss_gb']:>8.2f}GB"
               f"{feat / 1e6:>9.2f}M/s{raw / 1e6:>9.2f}M/s{feat / raw:>7.2f}{r['store_bytes'] / 2**30:>7.2f}GB"
               f"{r['windows'] / r['teacher_cache_s']:>11.0f}{r['store_steps_per_s']:>15.2f}{r['memory_steps_per_s']:>11.2f}"

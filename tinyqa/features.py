@@ -25,6 +25,7 @@ exact, stripped substrings of the context in every family. Nothing is padded her
 to its longest feature with the model's pad id.
 """
 from dataclasses import dataclass
+from functools import cached_property
 from itertools import chain
 from typing import Optional
 
@@ -73,7 +74,7 @@ class PairLayout:
     def n_special(self) -> int:
         return len(self.before) + len(self.between) + len(self.after)
 
-    @property
+    @cached_property  # type_ids asks for it once per window
     def max_type(self) -> int:
         return max(self.before_types + self.between_types + self.after_types + (self.question_type, self.context_type))
 
@@ -183,7 +184,7 @@ def featurize(examples, tokenizer, cfg: FeaturizerConfig = FeaturizerConfig(), w
 
     # the layout's pieces as arrays once, not per window: this loop runs a million times on MRQA train
     before, between, after = (np.asarray(t, dtype=np.int32) for t in (layout.before, layout.between, layout.after))
-    n_special, typed = layout.n_special, layout.max_type > 0
+    n_special = layout.n_special
     features = []
     for i, ex in enumerate(examples):
         q = np.asarray(q_enc[i].ids[: cfg.max_query_length], dtype=np.int32)
@@ -199,7 +200,7 @@ def featurize(examples, tokenizer, cfg: FeaturizerConfig = FeaturizerConfig(), w
         for start, stop in windows(len(ids), budget, cfg.doc_stride):
             f = Feature(input_ids=np.concatenate([prefix_ids, ids[start:stop], after]), offsets=None,
                         example_index=i, n_prefix=n_prefix,
-                        token_type_ids=layout.type_ids(len(q), stop - start) if typed else None)
+                        token_type_ids=layout.type_ids(len(q), stop - start))
             if with_offsets:
                 f.offsets = np.concatenate([np.full((n_prefix, 2), -1, np.int32), ctx_off[c][start:stop],
                                             np.full((len(after), 2), -1, np.int32)])
