@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from tinyqa import load_tokenizer
-from tinyqa.features import FeaturizerConfig, collate, featurize, windows
+from tinyqa.features import FeaturizerConfig, collate, featurize, window_ranges
 from tinyqa.mrqa import read_mrqa
 
 
@@ -16,9 +16,31 @@ def squad(mrqa_path, tokenizer_dir):
 
 
 def test_windows_worked_example():
-    assert windows(700, 360, 128) == [(0, 360), (232, 592), (464, 700)]
-    assert windows(100, 360, 128) == [(0, 100)]
-    assert windows(0, 360, 128) == [(0, 0)]
+    """The module docstring's example (n 700, budget 360, doc_stride 128), a context that fits and an empty
+    one, all in one call: windows come out context by context."""
+    start, stop, owner = window_ranges([700, 100, 0], [360, 360, 360], 128)
+    assert list(zip(owner.tolist(), start.tolist(), stop.tolist())) == [
+        (0, 0, 360), (0, 232, 592), (0, 464, 700), (1, 0, 100), (2, 0, 0)]
+
+
+def test_window_ranges_equal_the_sliding_loop():
+    """Oracle: the loop the ranges are defined by (run_squad.py's): a window at 0, the next one step =
+    budget - doc_stride further on, until a window reaches the context's end."""
+    rng = np.random.default_rng(0)
+    n, budget = rng.integers(0, 900, 300), rng.integers(40, 380, 300)
+    stride = 32
+    expected = []
+    for k in range(300):
+        start = 0
+        while True:
+            expected.append((k, start, min(start + int(budget[k]), int(n[k]))))
+            if start + budget[k] >= n[k]:
+                break
+            start += int(budget[k]) - stride
+    start, stop, owner = window_ranges(n, budget, stride)
+    assert list(zip(owner.tolist(), start.tolist(), stop.tolist())) == expected
+    with pytest.raises(Exception, match="doc_stride=32"):
+        window_ranges([10], [32], 32)
 
 
 def test_labels_reproduce_the_answer(squad):

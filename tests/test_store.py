@@ -16,7 +16,7 @@ from conftest import ROOT, synth_args
 import tinyqa.store as store_mod
 from tinyqa import load_model, load_tokenizer
 from tinyqa.errors import TinyQAError
-from tinyqa.features import FeaturizerConfig, collate, featurize, pair_layout
+from tinyqa.features import FeaturizerConfig, collate, cut_windows, featurize, pair_layout
 from tinyqa.mrqa import read_mrqa
 from tinyqa.synthetic import make_dataset, train_tokenizer, write_mrqa
 from tinyqa.tokenizer import save_tokenizer
@@ -147,8 +147,8 @@ def test_a_killed_build_leaves_no_store_and_is_rebuilt(data, tmp_path, monkeypat
         calls.append(1)
         if len(calls) == 3:
             raise KeyboardInterrupt
-        return featurize(*a, **k)
-    monkeypatch.setattr(store_mod, "featurize", interrupted)
+        return cut_windows(*a, **k)
+    monkeypatch.setattr(store_mod, "cut_windows", interrupted)
     with pytest.raises(KeyboardInterrupt):
         store_mod.open_store(str(root), [str(data / "train.jsonl.gz")], tok, fcfg, log=lambda *a: None, progress=False)
     assert [p.name for p in root.iterdir() if p.is_dir()] == []

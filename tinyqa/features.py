@@ -126,19 +126,23 @@ def check_model_fits(cfg, tokenizer, max_seq_len: int, name: str = "the model"):
                           f"{cfg.type_vocab_size}: it is not this model's tokenizer")
 
 
-def windows(n_context: int, budget: int, doc_stride: int):
-    """(start, stop) token ranges covering n_context tokens, consecutive ones overlapping by doc_stride.
-    The same ranges as the `tokenizers` library's truncation with stride (the last window ends at n)."""
-    if budget <= doc_stride:
-        raise TinyQAError(f"a window of {budget} context tokens cannot overlap by doc_stride={doc_stride}: "
+def window_ranges(n_context: np.ndarray, budget: np.ndarray, doc_stride: int):
+    """(start, stop, owner), each (windows,): the context-token ranges [start, stop) of the windows of
+    several contexts, context k having n_context[k] tokens and room for budget[k] of them per window.
+    Consecutive windows overlap by doc_stride, so they start every step = budget - doc_stride tokens, and the
+    last one ends at the context's end: the ranges of the `tokenizers` library's truncation with stride.
+    A context gets 1 + ceil((n - budget) / step) windows (1 when it fits). One context, as in the module's
+    worked example: n 700, budget 360, doc_stride 128 -> (0, 360), (232, 592), (464, 700)."""
+    n_context, budget = np.asarray(n_context, np.int64), np.asarray(budget, np.int64)
+    if (budget <= doc_stride).any():
+        raise TinyQAError(f"a window of {budget.min()} context tokens cannot overlap by doc_stride={doc_stride}: "
                           "lower --doc-stride or --max-query-length, or raise --max-seq-len")
-    step, start, out = budget - doc_stride, 0, []
-    while True:
-        stop = min(start + budget, n_context)
-        out.append((start, stop))
-        if stop == n_context:
-            return out
-        start += step
+    step = budget - doc_stride
+    count = 1 + np.maximum(0, -((budget - n_context) // step))  # -(-x // y): x / y rounded up
+    owner = np.repeat(np.arange(len(count)), count)  # (windows,) the context of each window
+    rank = np.arange(len(owner)) - np.repeat(np.cumsum(count) - count, count)  # 0, 1, ... within a context
+    start = rank * step[owner]
+    return start, np.minimum(start + budget[owner], n_context[owner]), owner
 
 
 @dataclass
@@ -168,47 +172,89 @@ def encode(examples, tokenizer) -> Encoded:
     return Encoded(context_of, contexts, ctx_enc, q_enc)
 
 
+@dataclass
+class WindowTable:
+    """The windows of a list of examples as flat arrays, in example order: what the feature store writes
+    (tinyqa/store.py) and what `featurize` makes its Feature objects of."""
+    input_ids: np.ndarray  # (tokens,) int32: every window's ids, one window after another
+    bounds: np.ndarray  # (windows + 1,) int64: window w is input_ids[bounds[w]:bounds[w + 1]]
+    example_index: np.ndarray  # (windows,) the example each window belongs to
+    start: np.ndarray  # (windows,) the window's context tokens are context[start:stop]
+    stop: np.ndarray
+    n_prefix: np.ndarray  # (windows,) tokens before the context: special tokens and the question
+    start_label: np.ndarray  # (windows,) token index of the answer start, 0 when not wholly inside
+    end_label: np.ndarray
+
+    def __len__(self):
+        return len(self.example_index)
+
+
+def cut_windows(examples, enc: Encoded, layout: PairLayout, cfg: FeaturizerConfig, with_labels=True) -> WindowTable:
+    """Every example's windows, built with array operations over all of them: MRQA train has a million
+    windows, and a Python loop per window cost more than the tokenizer's own work on short contexts.
+    What is left per example is reading its question's ids and finding its answer's tokens."""
+    ctx_ids = [np.asarray(e.ids, dtype=np.int32) for e in enc.context_encodings]
+    q_ids = [np.asarray(e.ids[: cfg.max_query_length], dtype=np.int32) for e in enc.question_encodings]
+    context_of = np.asarray(enc.context_of, dtype=np.int64)  # (E,)
+    n_ctx = np.array([len(x) for x in ctx_ids], dtype=np.int64)  # (C,)
+    n_q = np.array([len(x) for x in q_ids], dtype=np.int64)  # (E,)
+    start, stop, ex = window_ranges(n_ctx[context_of], cfg.max_seq_len - n_q - layout.n_special, cfg.doc_stride)
+    n_prefix = len(layout.before) + n_q + len(layout.between)  # (E,)
+
+    # A window is five pieces end to end: before, question, between, context[start:stop], after
+    # (<s> q </s></s> c </s>, or [CLS] q [SEP] c [SEP]). Each is a slice of one source array, so all the
+    # windows' ids are a single gather from it: piece p of length n starting at src[a] fills out[o:o + n]
+    # with src[a:a + n], i.e. out[j] = src[j + a - o] for o <= j < o + n.
+    specials = np.asarray(layout.before + layout.between + layout.after, dtype=np.int32)
+    src = np.concatenate([*ctx_ids, *q_ids, specials])
+    ctx_at = np.cumsum(n_ctx) - n_ctx  # where each context, question and special starts in src
+    q_at = n_ctx.sum() + np.cumsum(n_q) - n_q
+    sp_at = n_ctx.sum() + n_q.sum() + np.cumsum([0, len(layout.before), len(layout.between)])
+    W = len(ex)
+    piece_at = np.stack([np.full(W, sp_at[0]), q_at[ex], np.full(W, sp_at[1]), ctx_at[context_of[ex]] + start,
+                         np.full(W, sp_at[2])], axis=1).ravel()  # (W * 5,)
+    piece_len = np.stack([np.full(W, len(layout.before)), n_q[ex], np.full(W, len(layout.between)), stop - start,
+                          np.full(W, len(layout.after))], axis=1).ravel()
+    piece_out = np.cumsum(piece_len) - piece_len
+    input_ids = src[np.repeat(piece_at - piece_out, piece_len) + np.arange(piece_len.sum())]
+    bounds = np.concatenate([[0], np.cumsum(piece_len.reshape(W, 5).sum(axis=1))])
+
+    first, last = np.full(len(examples), -1), np.full(len(examples), -1)  # the answer's context tokens; -1: none
+    for i, example in enumerate(examples):
+        if with_labels and example.span is not None:
+            c = enc.context_of[i]
+            first[i], last[i] = _span_tokens_of(example.context, enc.context_encodings[c],
+                                                strip_span(example.context, example.span))
+    start_label, end_label = _window_label(first[ex], last[ex], start, stop, n_prefix[ex])
+    return WindowTable(input_ids, bounds, ex, start, stop, n_prefix[ex], start_label, end_label)
+
+
 def featurize(examples, tokenizer, cfg: FeaturizerConfig = FeaturizerConfig(), with_labels=True,
               with_offsets=True, encoded: Encoded = None) -> list:
-    """All windows of all examples, in example order. Labels are computed when with_labels; training,
-    which never decodes, passes with_offsets=False to keep 516k windows' offsets out of memory. `encoded`:
-    `encode(examples, tokenizer)` when the caller already has it."""
+    """All windows of all examples, in example order, as Feature objects. Labels are computed when
+    with_labels; training, which never decodes, passes with_offsets=False to keep 516k windows' offsets out
+    of memory. `encoded`: `encode(examples, tokenizer)` when the caller already has it."""
     layout = pair_layout(tokenizer)
     enc = encoded if encoded is not None else encode(examples, tokenizer)
-    ctx_ids = [np.asarray(e.ids, dtype=np.int32) for e in enc.context_encodings]
-    if with_offsets:  # what decoding needs; training's windows go without (labels use _span_tokens_of)
+    table = cut_windows(examples, enc, layout, cfg, with_labels)
+    if with_offsets:  # what decoding needs
         ctx_off = [_offsets(text, e) for text, e in zip(enc.contexts, enc.context_encodings)]
         ctx_words = [np.asarray([-1 if w is None else w for w in e.word_ids], dtype=np.int32)
                      for e in enc.context_encodings]
-    q_enc = enc.question_encodings
-
-    # the layout's pieces as arrays once, not per window: this loop runs a million times on MRQA train
-    before, between, after = (np.asarray(t, dtype=np.int32) for t in (layout.before, layout.between, layout.after))
-    n_special = layout.n_special
+    n_after = len(layout.after)
     features = []
-    for i, ex in enumerate(examples):
-        q = np.asarray(q_enc[i].ids[: cfg.max_query_length], dtype=np.int32)
-        c = enc.context_of[i]
-        ids = ctx_ids[c]
-        prefix_ids = np.concatenate([before, q, between])  # <s> q </s></s>  or  [CLS] q [SEP]
-        n_prefix = len(prefix_ids)
-        budget = cfg.max_seq_len - len(q) - n_special
-        span = strip_span(ex.context, ex.span) if with_labels and ex.span is not None else None
-        if span is not None:
-            first, last = (_span_tokens(ctx_off[c], span) if with_offsets else
-                           _span_tokens_of(enc.contexts[c], enc.context_encodings[c], span))
-        for start, stop in windows(len(ids), budget, cfg.doc_stride):
-            f = Feature(input_ids=np.concatenate([prefix_ids, ids[start:stop], after]), offsets=None,
-                        example_index=i, n_prefix=n_prefix,
-                        token_type_ids=layout.type_ids(len(q), stop - start))
-            if with_offsets:
-                f.offsets = np.concatenate([np.full((n_prefix, 2), -1, np.int32), ctx_off[c][start:stop],
-                                            np.full((len(after), 2), -1, np.int32)])
-                f.words = np.concatenate([np.full(n_prefix, -1, np.int32), ctx_words[c][start:stop],
-                                          np.full(len(after), -1, np.int32)])
-            if span is not None:
-                f.start_label, f.end_label = _window_label(first, last, start, stop, n_prefix)
-            features.append(f)
+    for w in range(len(table)):
+        i, start, stop, n_prefix = (int(x[w]) for x in (table.example_index, table.start, table.stop, table.n_prefix))
+        f = Feature(input_ids=table.input_ids[table.bounds[w]:table.bounds[w + 1]], offsets=None, example_index=i,
+                    start_label=int(table.start_label[w]), end_label=int(table.end_label[w]), n_prefix=n_prefix,
+                    token_type_ids=layout.type_ids(n_prefix - len(layout.before) - len(layout.between), stop - start))
+        if with_offsets:
+            c = enc.context_of[i]
+            f.offsets = np.concatenate([np.full((n_prefix, 2), -1, np.int32), ctx_off[c][start:stop],
+                                        np.full((n_after, 2), -1, np.int32)])
+            f.words = np.concatenate([np.full(n_prefix, -1, np.int32), ctx_words[c][start:stop],
+                                      np.full(n_after, -1, np.int32)])
+        features.append(f)
     return features
 
 
@@ -290,14 +336,15 @@ def _span_tokens_of(text: str, encoding, span):
     return _span_tokens(_offsets(text, encoding), span)
 
 
-def _window_label(first: int, last: int, start: int, stop: int, n_prefix: int):
+def _window_label(first, last, start, stop, n_prefix):
     """Token positions of the span in the window of context tokens [start, stop), or (0, 0) when it is not
     wholly inside: the window's first token must start at or before the span (first >= start) and its last
     end at or after it (last < stop). The min/max: tokens sharing one character's offsets (byte-level BPE
-    splits an emoji into several) can put `first` past the window's end or `last` before its start."""
-    if first < start or last >= stop:
-        return 0, 0
-    return min(first, stop - 1) - start + n_prefix, max(last, start) - start + n_prefix
+    splits an emoji into several) can put `first` past the window's end or `last` before its start.
+    Arrays (one entry per window) or ints."""
+    inside = (first >= start) & (last < stop)
+    return (np.where(inside, np.minimum(first, stop - 1) - start + n_prefix, 0),
+            np.where(inside, np.maximum(last, start) - start + n_prefix, 0))
 
 
 def collate(features, with_labels=False, pad_id=1):

@@ -2,7 +2,7 @@
 
 MRQA's train split is 516,819 questions and about a million windows; held as Python objects that is tens of
 GB per process. Instead the examples are read, tokenized and cut into windows a chunk at a time
-(tinyqa/features.py's `featurize`, so the windows and labels are exactly its own), and each chunk's windows
+(tinyqa/features.py's `cut_windows`, what `featurize` makes its windows and labels with), and each chunk's windows
 are appended to flat arrays on disk. Layout of a store folder `<root>/<key>/`:
     ids.bin       (tokens,) uint16, or int32 for vocabularies over 65,536: every window's token ids, in order
     offsets.npy   (windows + 1,) int64: window i is ids[offsets[i]:offsets[i + 1]]
@@ -35,7 +35,7 @@ import numpy as np
 import torch
 
 from .errors import TinyQAError
-from .features import encode, featurize, pair_layout
+from .features import cut_windows, encode, pair_layout
 from .files import RowFile, _umask, disk_error, file_sha256
 from .mrqa import ReadReport, stream_files
 from .teacher_cache import lock
@@ -95,6 +95,7 @@ def build(files, tokenizer, fcfg, limit, skip_bad, folder, info, log=print, prog
         if time.time() - os.path.getmtime(old) > 3600:
             shutil.rmtree(old, ignore_errors=True)
     tmp = tempfile.mkdtemp(dir=root, prefix=os.path.basename(folder) + ".tmp-")
+    layout = pair_layout(tokenizer)
     dtype = np.uint16 if tokenizer.get_vocab_size(with_added_tokens=True) <= 65536 else np.int32
     report, no_span, n_no_span = ReadReport(), [], 0
     lengths, meta, n_examples, n_tokens = [], [], 0, 0
@@ -105,16 +106,14 @@ def build(files, tokenizer, fcfg, limit, skip_bad, folder, info, log=print, prog
 
             def write(examples, encoding):  # one chunk's windows appended to ids.bin, lengths and meta
                 nonlocal n_examples, n_tokens
-                feats = featurize(examples, tokenizer, fcfg, with_labels=True, with_offsets=False,
-                                  encoded=encoding.result())
-                if feats:
-                    f.write(np.concatenate([x.input_ids for x in feats]).astype(dtype).tobytes())
-                    lengths.append(np.fromiter((len(x.input_ids) for x in feats), np.int64, len(feats)))
-                    meta.append(np.array([(n_examples + x.example_index, x.start_label, x.end_label, x.n_prefix)
-                                          for x in feats], dtype=np.int32))
-                    n_tokens += int(lengths[-1].sum())
+                table = cut_windows(examples, encoding.result(), layout, fcfg)
+                f.write(table.input_ids.astype(dtype).tobytes())
+                lengths.append(np.diff(table.bounds))
+                meta.append(np.stack([n_examples + table.example_index, table.start_label, table.end_label,
+                                      table.n_prefix], axis=1).astype(np.int32))
+                n_tokens += len(table.input_ids)
                 n_examples += len(examples)
-                bar.update(len(feats))
+                bar.update(len(table))
 
             examples = (ex for _, ex in stream_files(files, limit, skip_bad, report, flag="--train"))
             pending = None  # the previous chunk, whose tokenization runs while this one is read
