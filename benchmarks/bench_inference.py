@@ -36,7 +36,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 from benchmarks.common import add_squad_speed_args, matmul_peak  # noqa: E402
 from tinyqa.features import FeaturizerConfig, featurize  # noqa: E402
-from tinyqa.infer import DecodeConfig, predict, quantize_int8, run_model  # noqa: E402
+from tinyqa.infer import DecodeConfig, pack_for_cpu, predict, quantize_int8, run_model  # noqa: E402
 from tinyqa.metrics import score_datasets  # noqa: E402
 from tinyqa.model import flops_per_token  # noqa: E402
 from tinyqa.mrqa import read_mrqa  # noqa: E402
@@ -129,6 +129,7 @@ def main():
     hf_tok.save_pretrained(tmp)
     hf_model = RobertaForQuestionAnswering.from_pretrained(tmp, attn_implementation="sdpa").eval()
     model = load_model(tmp, verbose=False).eval()
+    packed = pack_for_cpu(load_model(tmp, verbose=False).eval())  # as evaluate.py runs it (where packing pays)
     model_int8 = None if args.no_int8 else quantize_int8(load_model(tmp, verbose=False).eval())
     pipe, why_no_pipe = transformers_pipeline(hf_model, hf_tok)
 
@@ -140,8 +141,8 @@ def main():
           f"to {fcfg.max_seq_len}); {model.num_params() / 1e6:.1f}M parameters; {torch.get_num_threads()} threads")
 
     contestants = {
-        "tinyqa": lambda: predict(model, tok, examples, fcfg, dcfg, args.batch_size),
-        "tinyqa forward only": lambda: run_model(model, features, args.batch_size),
+        "tinyqa": lambda: predict(packed, tok, examples, fcfg, dcfg, args.batch_size),
+        "tinyqa forward only": lambda: run_model(packed, features, args.batch_size),
         "run_qa (padded)": lambda: run_qa_baseline(hf_model, hf_tok, examples, fcfg, dcfg, args.batch_size),
     }
     if model_int8 is not None:

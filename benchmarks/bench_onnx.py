@@ -7,7 +7,8 @@
 Every engine answers the same questions end to end with the same windows (tinyqa's featurizer, 384/128),
 the same length-sorted, token-capped batches (tinyqa.infer.run_model's) and the same decoder; only the
 forward pass differs. Engines, alternated round by round (best round counts):
-  tinyqa            EncoderForQA in eager PyTorch (what evaluate.py runs)
+  tinyqa            EncoderForQA in eager PyTorch as evaluate.py runs it: on AVX-512 CPUs its fp32 Linears
+                    prepacked for oneDNN, bias and GELU fused (tinyqa.infer.pack_for_cpu)
   tinyqa int8       with --quantize int8 (dynamic int8 Linear layers)
   ORT               ONNX Runtime 1.x on `python -m tinyqa export`'s graph of the same weights
   ORT fused         ONNX Runtime on transformers' eager RobertaForQuestionAnswering export of the same
@@ -35,7 +36,7 @@ from benchmarks.common import add_squad_speed_args, cpu_name, matmul_peak  # noq
 from tinyqa.decode import DecodeConfig, decode  # noqa: E402
 from tinyqa.export import export_onnx  # noqa: E402
 from tinyqa.features import FeaturizerConfig, collate, featurize, length_sorted_batches  # noqa: E402
-from tinyqa.infer import max_tokens_for, quantize_int8, run_model  # noqa: E402
+from tinyqa.infer import max_tokens_for, pack_for_cpu, packing_pays, quantize_int8, run_model  # noqa: E402
 from tinyqa.metrics import score  # noqa: E402
 from tinyqa.model import EncoderConfig, EncoderForQA, flops_per_token  # noqa: E402
 from tinyqa.mrqa import read_mrqa  # noqa: E402
@@ -147,7 +148,8 @@ def main():
     folder = os.path.join(work, "ckpt")
     save_pretrained(model, folder, tokenizer=tok)
     export_onnx(model, os.path.join(work, "tinyqa.onnx"))
-    engines = {"tinyqa": torch_engine(model),
+    # tinyqa as evaluate.py runs it: fp32 Linears prepacked for oneDNN where that pays (AVX-512; infer.py)
+    engines = {"tinyqa": torch_engine(pack_for_cpu(load_model(folder, verbose=False).eval())),
                "tinyqa int8": torch_engine(quantize_int8(load_model(folder, verbose=False).eval()))}
     run, names = ort_session(os.path.join(work, "tinyqa.onnx"), threads)
     engines["ORT"] = onnx_forward(run, names, cfg.pad_token_id)
@@ -165,7 +167,8 @@ def main():
     import onnxruntime
     import openvino
     print(f"torch {torch.__version__}, onnxruntime {onnxruntime.__version__}, openvino {openvino.__version__}; "
-          f"{threads} threads; CPU: {cpu_name()}")
+          f"{threads} threads; CPU: {cpu_name()} ({torch.backends.cpu.get_cpu_capability()}; "
+          f"fp32 Linears {'prepacked for oneDNN' if packing_pays() else 'nn.Linear (MKL)'})")
     print(f"ORT's optimizer fused: {fused}")
 
     def end_to_end(engine):
@@ -211,7 +214,7 @@ def accuracy(args, dcfg, threads, work):
     export_onnx(model, path)
     ort_int8(path, path + ".int8")
     run, names = ort_session(path + ".int8", threads)
-    engines = {"tinyqa fp32": torch_engine(model),
+    engines = {"tinyqa fp32": torch_engine(pack_for_cpu(load_model(args.accuracy_model, verbose=False).eval())),
                "tinyqa int8": torch_engine(quantize_int8(load_model(args.accuracy_model, verbose=False).eval())),
                "ORT int8": onnx_forward(run, names, model.config.pad_token_id)}
     features = featurize(dev, tok, fcfg, with_labels=False)

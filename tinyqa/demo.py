@@ -38,7 +38,7 @@ import torch
 
 from .checks import learning_rate, nonneg_int, positive_int, seed_int
 from .features import FeaturizerConfig
-from .infer import QuestionAnswerer, predict
+from .infer import QuestionAnswerer, pack_for_cpu, predict
 from .metrics import score_datasets
 from .model import RobertaConfig, RobertaForQA
 from .mrqa import read_mrqa
@@ -155,12 +155,14 @@ def main(argv=None):
     dev = list(read_mrqa(dev_file))
     results = {}
     for name, d in dirs.items():
-        qa = QuestionAnswerer.from_pretrained(d)
+        qa = QuestionAnswerer.from_pretrained(d, prepack=False)
+        n_params = qa.model.num_params()  # counted before packing: PackedLinear's weights are not Parameters
+        qa.model = pack_for_cpu(qa.model)  # then run as evaluate.py runs it
         t = time.perf_counter()
         preds = predict(qa.model, qa.tokenizer, dev, qa.fcfg, batch_size=64)
         qps = len(dev) / (time.perf_counter() - t)
         m = score_datasets({q: p.text for q, p in preds.items()}, {"Synthetic": dev})["macro"]
-        results[name] = {"parameters": qa.model.num_params(), "exact_match": m["exact_match"], "f1": m["f1"],
+        results[name] = {"parameters": n_params, "exact_match": m["exact_match"], "f1": m["f1"],
                          "questions_per_s": qps, "train_seconds": timings.get(name, 0.0)}
     summary = {kind: spread([results[n]["f1"] for n in dirs if n.startswith(f"student-{kind}")])
                for kind in ("distilled", "ce", "init")}

@@ -313,10 +313,11 @@ class FeedForward(nn.Module):
     def __init__(self, cfg: EncoderConfig):
         super().__init__()
         self.up = nn.Linear(cfg.hidden_size, cfg.intermediate_size)
+        self.act = nn.GELU()  # exact erf GELU, not the tanh approximation (a module: infer.py fuses it into `up`)
         self.down = nn.Linear(cfg.intermediate_size, cfg.hidden_size)
 
     def forward(self, x):
-        return self.down(F.gelu(self.up(x)))  # exact erf GELU, not the tanh approximation
+        return self.down(self.act(self.up(x)))
 
 
 class Layer(nn.Module):
