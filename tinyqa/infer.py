@@ -27,7 +27,7 @@ from .mrqa import Example
 def quantize_int8(model):
     """Dynamic int8 quantisation of every Linear (CPU only): weights stored int8, activations quantised
     per batch. Trades a little accuracy for speed; see benchmarks/bench_onnx.py.
-    The kernels: PyTorch's default int8 engine (fbgemm) on most CPUs, but oneDNN's where the CPU has
+    The kernels: PyTorch's default int8 engine (x86, fbgemm's) on most CPUs, but oneDNN's where the CPU has
     AVX-512 VNNI or AMX: measured on a 2-core Sapphire Rapids, a tinyroberta feed-forward (1,536 tokens)
     took 11 ms with oneDNN (AMX) and 31 ms with the default, and 21 vs 28 ms with oneDNN held to AVX-512
     VNNI; on AVX2 alone oneDNN was 2x slower. The weights are packed for the engine chosen here, and
