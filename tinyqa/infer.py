@@ -35,10 +35,10 @@ def quantize_int8(model):
     from torch.ao.quantization import quantize_dynamic
     p = next(model.parameters())
     check_device(p.device, p.dtype, "int8")
-    engine = torch.backends.quantized.engine
-    if "onednn" in torch.backends.quantized.supported_engines and getattr(torch.cpu, "_is_vnni_supported", bool)():
-        engine = "onednn"
-    previous, torch.backends.quantized.engine = torch.backends.quantized.engine, engine
+    previous = torch.backends.quantized.engine
+    if "onednn" in torch.backends.quantized.supported_engines and getattr(torch.cpu, "_is_vnni_supported",
+                                                                          lambda: False)():
+        torch.backends.quantized.engine = "onednn"
     try:
         return quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
     finally:
@@ -75,8 +75,8 @@ def pack_for_cpu(model, force=False):
     """The model's Linears replaced by PackedLinear, in place, when it is fp32 on the CPU and packing pays
     here (or `force`); the feed-forward's GELU moves into its first Linear. Returns the model."""
     p = next(model.parameters())
-    linears = [m for m in model.modules() if type(m) is torch.nn.Linear]  # not int8 ones (quantize_int8)
-    if not linears or p.device.type != "cpu" or p.dtype != torch.float32 or not (force or packing_pays()):
+    has_linears = any(type(m) is torch.nn.Linear for m in model.modules())  # not int8 ones (quantize_int8)
+    if not has_linears or p.device.type != "cpu" or p.dtype != torch.float32 or not (force or packing_pays()):
         return model
     from .model import FeedForward
     for module in list(model.modules()):
