@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.ao.quantization
 
-from tinyqa.infer import PackedLinear, pack_for_cpu, quantize_int8
+from tinyqa.infer import PackedLinear, fuse_qkv, pack_for_cpu, quantize_int8
 from tinyqa.model import EncoderConfig, EncoderForQA
 
 
@@ -15,6 +15,12 @@ def small_model():
     cfg = EncoderConfig(vocab_size=100, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
                         intermediate_size=128, max_position_embeddings=80)
     return EncoderForQA(cfg).eval()
+
+
+# a small DeBERTa-v3 (relative attention): the settings that differ from BERT's, as in test_family.py
+DEBERTA = dict(model_type="deberta-v2", relative_attention=True, position_biased_input=False, pos_att_type=["p2c", "c2p"],
+               position_buckets=256, max_relative_positions=-1, share_att_key=True, norm_rel_ebd="layer_norm",
+               type_vocab_size=0, pad_token_id=0)
 
 
 @pytest.mark.parametrize("vnni", [True, False])
@@ -35,27 +41,55 @@ def test_int8_engine_is_chosen_by_the_cpu_and_the_global_engine_is_left_alone(mo
     assert torch.backends.quantized.engine == before
 
 
-def test_int8_logits_are_quantize_dynamics_and_near_fp32():
-    """Oracle: quantize_dynamic run by hand with the engine set for it; and fp32 within int8's error. (On a
-    model this small every engine gives the same logits, so which engine ran is the spy test's to check.)"""
-    model = small_model()
+def batch():
     ids = torch.randint(3, 100, (3, 40))
     mask = torch.ones_like(ids)
     mask[1, 25:] = 0
+    return ids, mask
+
+
+def test_fused_qkv_gives_the_models_logits():
+    """fuse_qkv: one Linear(H, 3H) per layer in place of query, key and value, the logits the unfused model's
+    (oracle: the unfused model, itself held to transformers by the parity tests); DeBERTa left as it is."""
+    model = small_model()
+    with torch.no_grad():  # biases away from zero, so a bias put in the wrong third would show
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    fused = fuse_qkv(copy.deepcopy(model))
+    for layer in fused.encoder.layers:
+        assert layer.attn.qkv.weight.shape == (3 * 64, 64) and layer.attn.query is None and layer.attn.value is None
+    ids, mask = batch()
+    with torch.inference_mode():
+        a, b = model(ids, mask), fused(ids, mask)
+    for x, y in ((a.start_logits, b.start_logits), (a.end_logits, b.end_logits)):
+        assert (x - y).abs().max() < 1e-6, (x - y).abs().max()
+    cfg = EncoderConfig(vocab_size=100, hidden_size=64, num_hidden_layers=1, num_attention_heads=4,
+                        intermediate_size=128, max_position_embeddings=512, **DEBERTA)
+    deberta = EncoderForQA(cfg)
+    assert fuse_qkv(deberta).encoder.layers[0].attn.qkv is None  # its position embeddings need query and key
+
+
+def test_int8_weights_are_fused_per_row_and_the_logits_near_fp32():
+    """quantize_int8 quantises a fused copy (the model given is left as it was) with one scale per weight row:
+    oracle, each row dequantised within half its own step (absmax/127) of the fp32 row. The query rows are
+    made 100x smaller than key's and value's, so one scale for the whole (3H, H) weight would fail that."""
+    model = small_model()
+    with torch.no_grad():
+        for layer in model.encoder.layers:
+            layer.attn.query.weight.mul_(0.01)
+    ids, mask = batch()
     with torch.inference_mode():
         fp32 = model(ids, mask)
-        q = quantize_int8(copy.deepcopy(model))(ids, mask)
-        engine = "onednn" if torch.cpu._is_vnni_supported() else torch.backends.quantized.engine
-        previous, torch.backends.quantized.engine = torch.backends.quantized.engine, engine
-        try:
-            by_hand = torch.ao.quantization.quantize_dynamic(copy.deepcopy(model), {torch.nn.Linear}, dtype=torch.qint8)
-        finally:
-            torch.backends.quantized.engine = previous
-        ref = by_hand(ids, mask)
-    assert torch.equal(q.start_logits, ref.start_logits) and torch.equal(q.end_logits, ref.end_logits)
+        q8 = quantize_int8(model)
+        int8 = q8(ids, mask)
+    assert model.encoder.layers[0].attn.qkv is None  # the caller's model is not fused
+    for ours, layer in zip(q8.encoder.layers, model.encoder.layers):
+        w = torch.cat([layer.attn.query.weight, layer.attn.key.weight, layer.attn.value.weight])
+        step = w.abs().amax(dim=1, keepdim=True) / 127
+        assert ((ours.attn.qkv.weight().dequantize() - w).abs() <= step / 2 + 1e-7).all()
     scale = fp32.start_logits.abs().max()
-    assert (q.start_logits - fp32.start_logits).abs().max() < 0.1 * scale
-    assert (q.start_logits - fp32.start_logits).abs().max() > 0  # it is int8: not the fp32 model unchanged
+    assert (int8.start_logits - fp32.start_logits).abs().max() < 0.1 * scale
+    assert (int8.start_logits - fp32.start_logits).abs().max() > 0  # it is int8: not the fp32 model unchanged
 
 
 def test_packed_linears_give_the_models_logits():
@@ -69,9 +103,7 @@ def test_packed_linears_give_the_models_logits():
     with torch.no_grad():  # away from zero biases, so a dropped bias or GELU would show
         for p in model.parameters():
             p.add_(0.05 * torch.randn_like(p))
-    ids = torch.randint(3, 100, (3, 40))
-    mask = torch.ones_like(ids)
-    mask[1, 25:] = 0
+    ids, mask = batch()
     packed = pack_for_cpu(copy.deepcopy(model), force=True)
     assert not [m for m in packed.modules() if type(m) is torch.nn.Linear]
     assert sum(isinstance(m, PackedLinear) for m in packed.modules()) == 2 * 6 + 1

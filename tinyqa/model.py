@@ -271,6 +271,7 @@ class SelfAttention(nn.Module):
         self.key = nn.Linear(cfg.hidden_size, cfg.hidden_size)
         self.value = nn.Linear(cfg.hidden_size, cfg.hidden_size)
         self.out = nn.Linear(cfg.hidden_size, cfg.hidden_size)
+        self.qkv = None  # one Linear(H, 3H) for q|k|v in place of the three: set only by infer.py's fuse_qkv
         self.attn_dropout = cfg.attention_probs_dropout_prob
         self.rel_dropout = cfg.hidden_dropout_prob  # DeBERTa's dropout on the relative embeddings
 
@@ -280,10 +281,12 @@ class SelfAttention(nn.Module):
         so asking for the scores changes nothing else; padded keys' scores are left in, the loss skips them."""
         B, L, H = x.shape
         hs = H // self.n_head
+        if self.qkv is None:
+            q, k, v = self.query(x), self.key(x), self.value(x)  # (B, L, H) each
+        else:  # CPU inference (infer.py): one matmul, and in int8 the input quantised once, not three times
+            q, k, v = self.qkv(x).chunk(3, dim=-1)
         # (B, L, H) -> (B, L, nh, hs) -> (B, nh, L, hs)
-        q = self.query(x).view(B, L, self.n_head, hs).transpose(1, 2)
-        k = self.key(x).view(B, L, self.n_head, hs).transpose(1, 2)
-        v = self.value(x).view(B, L, self.n_head, hs).transpose(1, 2)
+        q, k, v = (t.view(B, L, self.n_head, hs).transpose(1, 2) for t in (q, k, v))
         if rel is None:
             # mask: (B, 1, 1, L) bool, True where a key may be attended to. Padded query rows still see the
             # real keys, so no row is all -inf and SDPA never produces NaN.
