@@ -156,3 +156,68 @@ def test_window_labels_match_a_search_inside_each_window():
                 else:
                     expected = (0, 0)
                 assert _window_label(first, last, start, stop, 5) == expected, (off.tolist(), a, b, start, stop)
+
+
+def _spans_everywhere(contexts, seed=0):
+    """Examples over the contexts with answer spans of every kind: random, the whole context, one space."""
+    from tinyqa.mrqa import Example
+    rng = np.random.default_rng(seed)
+    out = []
+    for i, c in enumerate(contexts):
+        a = int(rng.integers(0, len(c)))
+        b = int(rng.integers(a, len(c))) + 1
+        spans = [(a, b), (0, len(c))] + [(j, j + 1) for j in [j for j, ch in enumerate(c) if ch.isspace()][:1]]
+        out += [Example(f"{i}-{k}", "What?", c, [c[s:e]], (s, e)) for k, (s, e) in enumerate(spans)]
+    return out
+
+
+def test_byte_level_labels_equal_those_from_the_tokenizers_offsets(tokenizer_dir, text_pairs):
+    """Training encodes byte-level BPE contexts without offsets (encode(words=False): encode_batch_fast) and
+    labels them from the ids. Oracle: the tokenizer's own offsets, i.e. the full encode, whose windows and
+    labels the tests above hold to transformers'. Spans: random, whole contexts, and all-space ones (stripped
+    to nothing: the exact-offsets path); text: SQuAD dev's (accents, dashes, CJK) or the generated set's
+    emoji, tabs and runs of spaces. Contexts writing a special token ("<s>") fall back to the full encode."""
+    from tinyqa.features import _byte_level_offsets, cut_windows, encode, pair_layout
+    tok = load_tokenizer(str(tokenizer_dir))
+    contexts = list(dict.fromkeys(c for _, c in text_pairs))
+    plain = [c for c in contexts if "<s>" not in c and "</s>" not in c and "<pad>" not in c]
+    examples = _spans_everywhere(plain)
+    fast, full = encode(examples, tok, words=False), encode(examples, tok)
+    assert fast.byte_level is not None and full.byte_level is None
+    assert all(e.offsets[-1] == (0, 0) for e in fast.context_encodings[:5])  # really without offsets
+    for text, f, e in zip(fast.contexts, fast.context_encodings, full.context_encodings):
+        assert f.ids == e.ids
+        assert _byte_level_offsets(text, np.array(f.ids), fast.byte_level).tolist() == [list(o) for o in e.offsets]
+    layout = pair_layout(tok)
+    for cfg in (FeaturizerConfig(), FeaturizerConfig(64, 16, 20)):
+        a, b = cut_windows(examples, fast, layout, cfg), cut_windows(examples, full, layout, cfg)
+        for field in a.__dataclass_fields__:
+            assert np.array_equal(getattr(a, field), getattr(b, field)), field
+        assert (a.start_label > 0).sum() > len(plain)  # the spans are labelled, not all (0, 0)
+    special = [c for c in contexts if c not in plain]
+    if special:
+        assert encode(_spans_everywhere(special), tok, words=False).byte_level is None
+
+
+def test_offsets_from_ids_only_for_byte_level_bpe_with_every_byte(tmp_path):
+    """Any other tokenizer keeps the full encode; a byte-level BPE whose vocabulary lacks a byte (it then
+    drops that byte without a trace) is refused with a one-line error rather than mislabelled."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+
+    from tinyqa.errors import TinyQAError
+    from tinyqa.features import cut_windows, encode, pair_layout
+    from tinyqa.mrqa import Example
+    from tinyqa.tokenizer import build_from_vocab_txt, byte_level_vocab
+    (tmp_path / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "the", "cat"]) + "\n")
+    assert byte_level_vocab(build_from_vocab_txt(str(tmp_path / "vocab.txt"))) is None
+    letters = [chr(c) for c in range(ord("a"), ord("z"))]  # no "z"
+    vocab = {t: i for i, t in enumerate(["<s>", "<pad>", "</s>", "<unk>", "Ġ", "?"] + letters)}
+    tok = Tokenizer(models.BPE(vocab, []))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.post_processor = processors.RobertaProcessing(("</s>", 2), ("<s>", 0), trim_offsets=True, add_prefix_space=False)
+    assert byte_level_vocab(tok) is not None
+    ex = [Example("1", "a?", "ab zab", ["ab"], (0, 2))]
+    with pytest.raises(TinyQAError, match="do not cover every byte"):
+        cut_windows(ex, encode(ex, tok, words=False), pair_layout(tok), FeaturizerConfig(32, 8, 8))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=True)  # offsets then count a space not in the text
+    assert byte_level_vocab(tok) is None

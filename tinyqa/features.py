@@ -33,6 +33,7 @@ import numpy as np
 import torch
 
 from .errors import TinyQAError
+from .tokenizer import ByteLevelVocab, byte_level_vocab
 
 PAD_TOKENS = ("<pad>", "[PAD]")  # RoBERTa's, then BERT's, ELECTRA's and DeBERTa's
 
@@ -152,24 +153,36 @@ class Encoded:
     contexts: list  # the distinct context strings
     context_encodings: list  # tokenizers.Encoding per distinct context, no special tokens
     question_encodings: list  # tokenizers.Encoding per example
+    byte_level: Optional[ByteLevelVocab] = None  # set when the contexts' encodings have no offsets (see encode)
 
 
-def encode(examples, tokenizer) -> Encoded:
+def encode(examples, tokenizer, words=True) -> Encoded:
     """The tokenizer's part of `featurize`: two encode_batch calls (contexts, questions). Kept apart because
     encode_batch releases Python's GIL: the feature store runs it for the next chunk of examples in a thread
-    while this one is cut into windows (tinyqa/store.py)."""
+    while this one is cut into windows (tinyqa/store.py).
+    words=False (training: labels, no decoding) lets RoBERTa's byte-level BPE encode the contexts with
+    encode_batch_fast too, which skips the offsets (1.39x as fast on SQuAD dev's contexts; at 5% of MRQA
+    train the store's build went from 0.74x to 0.86x the raw tokenizer's speed): the labels are then found
+    from the ids (`_byte_level_span_tokens`). Decoding needs each token's word (align_to_words), which only
+    the full call gives."""
     index, contexts, context_of = {}, [], []
     for ex in examples:  # SQuAD has ~5 questions per context: tokenize each context once
         if id(ex.context) not in index:
             index[id(ex.context)] = len(contexts)
             contexts.append(ex.context)
         context_of.append(index[id(ex.context)])
-    ctx_enc = tokenizer.encode_batch(contexts, add_special_tokens=False)
+    vocab = None if words else byte_level_vocab(tokenizer)
+    if vocab is not None and any(t in c for c in contexts for t in vocab.specials):
+        vocab = None  # "<s>" written in a context is one token whose offsets the ids do not give: the full call
+    if vocab is not None:
+        ctx_enc = tokenizer.encode_batch_fast(contexts, add_special_tokens=False)
+    else:
+        ctx_enc = tokenizer.encode_batch(contexts, add_special_tokens=False)
     # run_qa strips the question's leading whitespace: some SQuAD questions start with many spaces.
     # Questions need only their ids: encode_batch_fast (tokenizers >= 0.21) skips the offsets, 27% faster.
     encode_ids = getattr(tokenizer, "encode_batch_fast", tokenizer.encode_batch)
     q_enc = encode_ids([ex.question.lstrip() for ex in examples], add_special_tokens=False)
-    return Encoded(context_of, contexts, ctx_enc, q_enc)
+    return Encoded(context_of, contexts, ctx_enc, q_enc, vocab)
 
 
 @dataclass
@@ -221,11 +234,17 @@ def cut_windows(examples, enc: Encoded, layout: PairLayout, cfg: FeaturizerConfi
     bounds = np.concatenate([[0], np.cumsum(piece_len.reshape(W, 5).sum(axis=1))])
 
     first, last = np.full(len(examples), -1), np.full(len(examples), -1)  # the answer's context tokens; -1: none
-    for i, example in enumerate(examples):
-        if with_labels and example.span is not None:
+    labelled = [i for i, example in enumerate(examples) if with_labels and example.span is not None]
+    if enc.byte_level is not None and labelled:  # contexts encoded without offsets: from the ids, all at once
+        spans = np.array([_utf8_span(examples[i].context, strip_span(examples[i].context, examples[i].span))
+                          for i in labelled], dtype=np.int64)
+        first[labelled], last[labelled] = _byte_level_span_tokens(enc, src[:n_ctx.sum()], n_ctx, context_of[labelled],
+                                                                  spans)
+    else:
+        for i in labelled:
             c = enc.context_of[i]
-            first[i], last[i] = _span_tokens_of(example.context, enc.context_encodings[c],
-                                                strip_span(example.context, example.span))
+            first[i], last[i] = _span_tokens_of(examples[i].context, enc.context_encodings[c],
+                                                strip_span(examples[i].context, examples[i].span))
     start_label, end_label = _window_label(first[ex], last[ex], start, stop, n_prefix[ex])
     return WindowTable(input_ids, bounds, ex, start, stop, n_prefix[ex], start_label, end_label)
 
@@ -236,7 +255,7 @@ def featurize(examples, tokenizer, cfg: FeaturizerConfig = FeaturizerConfig(), w
     with_labels; training, which never decodes, passes with_offsets=False to keep 516k windows' offsets out
     of memory. `encoded`: `encode(examples, tokenizer)` when the caller already has it."""
     layout = pair_layout(tokenizer)
-    enc = encoded if encoded is not None else encode(examples, tokenizer)
+    enc = encoded if encoded is not None else encode(examples, tokenizer, words=with_offsets)
     table = cut_windows(examples, enc, layout, cfg, with_labels)
     if with_offsets:  # what decoding needs
         ctx_off = [_offsets(text, e) for text, e in zip(enc.contexts, enc.context_encodings)]
@@ -335,6 +354,64 @@ def _span_tokens_of(text: str, encoding, span):
                                                    encoding.token_to_chars(first + 1)[0] > a):
         return first, last
     return _span_tokens(_offsets(text, encoding), span)
+
+
+def _byte_level_span_tokens(enc: Encoded, ids, n_ctx, context_of, spans):
+    """_span_tokens for many (context, stripped span) pairs at once, for contexts encoded without offsets
+    (byte-level BPE, tokenizer.ByteLevelVocab): the same (first, last) as the tokenizer's offsets give (checked
+    on every SQuAD dev context, non-ASCII text and all-space spans in tests/test_features.py), at the cost of
+    one cumsum over the chunk's tokens instead of offsets for every token.
+    ids: (T,) the contexts' ids end to end; n_ctx: (C,) tokens per context; context_of: (S,) each span's
+    context; spans: (S, 4) rows of _utf8_span: (a, b) in chars and the two byte positions compared below.
+
+    Why no offsets are needed: the tokens cover the context's UTF-8 bytes end to end, so token i ends at byte
+    ends[i] and starts where token i - 1 ended. A token's char start is <= a iff its first byte lies before
+    char a + 1's; its char end is >= b iff its last byte lies at or past char b - 1's. And trimming (the
+    tokenizer's of the spaces BPE glues to words, and trim_offsets) only moves a token's ends across spaces,
+    which changes neither comparison while chars a and b - 1 are not spaces: only an all-space span (stripped
+    to a == b) needs the trimmed offsets, which `_byte_level_offsets` gives."""
+    vocab = enc.byte_level
+    n_bytes = vocab.n_bytes[ids]
+    ends = np.cumsum(n_bytes)  # (T,) each token's end, in bytes of the contexts laid end to end
+    token_at = np.cumsum(n_ctx) - n_ctx  # (C,) each context's first token (every context has one)
+    sizes = np.array([len(c) if c.isascii() else len(c.encode()) for c in enc.contexts])
+    if not np.array_equal(np.add.reduceat(n_bytes, token_at), sizes):  # a BPE vocabulary lacking a byte drops it
+        raise TinyQAError("the tokenizer's tokens do not cover every byte of the contexts (its byte-level "
+                          "vocabulary lacks some bytes), so their offsets cannot be found: use one with all 256")
+    byte_at = np.cumsum(sizes) - sizes  # (C,) where each context starts
+    a, b = spans[:, 0], spans[:, 1]
+    first = np.searchsorted(ends, byte_at[context_of] + spans[:, 2], side="right") - token_at[context_of]
+    last = np.searchsorted(ends, byte_at[context_of] + spans[:, 3], side="left") - token_at[context_of]
+    for k in np.flatnonzero(a == b):  # all-space spans (bad data, rare): the exact, trimmed offsets
+        c = context_of[k]
+        text = enc.contexts[c]
+        offsets = trim_offsets(text, _byte_level_offsets(text, ids[token_at[c]:token_at[c] + n_ctx[c]], vocab))
+        first[k], last[k] = _span_tokens(offsets, (a[k], b[k]))
+    return first, last
+
+
+def _byte_level_offsets(text: str, ids, vocab) -> np.ndarray:
+    """The (L, 2) char offsets the tokenizer gives one context's tokens (its trim of leading and trailing
+    spaces included), from their ids: a token splitting a character (an emoji's bytes) gets that character's."""
+    n = vocab.n_bytes[ids]
+    end = np.cumsum(n)
+    start = np.minimum(end - n + vocab.lead[ids], end)
+    end = np.maximum(end - vocab.trail[ids], start)
+    if not text.isascii():  # bytes -> chars: the char holding the first byte, one past the char of the last
+        code_points = np.frombuffer(text.encode("utf-32-le", "surrogatepass"), dtype=np.uint32)
+        utf8_len = 1 + (code_points >= 0x80) + (code_points >= 0x800) + (code_points >= 0x10000)
+        char_of = np.append(np.repeat(np.arange(len(code_points)), utf8_len), len(code_points))
+        start, end = char_of[start], np.where(end > start, char_of[np.maximum(end - 1, 0)] + 1, char_of[start])
+    return np.stack([start, end], axis=1).astype(np.int32)
+
+
+def _utf8_span(text: str, span):
+    """(a, b, x, y) for a stripped char span (a, b): x the byte just before char a + 1, y one past the first
+    byte of char b - 1 (see _byte_level_span_tokens)."""
+    a, b = span
+    if text.isascii():
+        return a, b, a, b
+    return a, b, len(text[:a + 1].encode()) - 1, len(text[:max(b - 1, 0)].encode()) + 1
 
 
 def _window_label(first, last, start, stop, n_prefix):

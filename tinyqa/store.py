@@ -123,7 +123,7 @@ def build(files, tokenizer, fcfg, limit, skip_bad, folder, info, log=print, prog
                 keep = [ex for ex in chunk if ex.span is not None]
                 # encode_batch releases the GIL: chunk i + 1 is tokenized (in Rust, on the other core) while
                 # chunk i is cut into windows and written here, and chunk i + 2 read and checked.
-                current = (keep, tokenizing.submit(encode, keep, tokenizer))
+                current = (keep, tokenizing.submit(encode, keep, tokenizer, words=False))
                 if pending is not None:
                     write(*pending)
                 pending = current

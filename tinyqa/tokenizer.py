@@ -16,7 +16,11 @@ windows and padding are made in `features.py` and the collator.
 import hashlib
 import json
 import os
+import weakref
+from dataclasses import dataclass
+from typing import Optional
 
+import numpy as np
 from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
 
 from .errors import TinyQAError
@@ -131,3 +135,44 @@ def save_tokenizer(tok: Tokenizer, directory: str, model_max_length=None):
     tok.save(os.path.join(directory, "tokenizer.json"))
     with open(os.path.join(directory, "tokenizer_config.json"), "w") as f:
         json.dump(tokenizer_config(tok, model_max_length), f, indent=2)
+
+
+@dataclass(frozen=True)
+class ByteLevelVocab:
+    """Per token id, what byte-level BPE's offsets are made of. Its tokens cover the text's UTF-8 bytes end to
+    end, so a context's offsets follow from its ids alone: token t spans n_bytes[t] bytes, less the leading
+    and trailing spaces (Ġ) the tokenizer trims off them (trim_offsets); features.py turns those into char
+    offsets. That lets training encode contexts with encode_batch_fast, which skips the offsets."""
+    n_bytes: np.ndarray  # (V,) int64: bytes of text the token stands for
+    lead: np.ndarray  # (V,) int64: its leading spaces, left out of its offsets
+    trail: np.ndarray  # (V,) int64: its trailing spaces
+    specials: tuple  # the added tokens' texts: a context holding one is encoded with offsets instead
+
+
+_BYTE_LEVEL = weakref.WeakKeyDictionary()  # tokenizer -> (its settings, ByteLevelVocab or None)
+
+
+def byte_level_vocab(tok: Tokenizer) -> Optional[ByteLevelVocab]:
+    """The tables for RoBERTa's tokenizer: byte-level BPE with no normalizer, a ByteLevel pre-tokenizer
+    without a prefix space, and offsets trimmed of spaces by its post-processor (as RobertaConverter and
+    build_from_vocab_merges make it). None for any other tokenizer. Built once per tokenizer (0.1 s)."""
+    parts = (tok.normalizer, tok.pre_tokenizer, tok.post_processor)
+    state = (tok.get_vocab_size(with_added_tokens=True), type(tok.model).__name__,
+             *(p.__getstate__() if p is not None else None for p in parts))  # what a later change would change
+    cached = _BYTE_LEVEL.get(tok)
+    if cached is not None and cached[0] == state:
+        return cached[1]
+    d = json.loads(tok.to_str())
+    model, pre, post = d.get("model") or {}, d.get("pre_tokenizer") or {}, d.get("post_processor") or {}
+    applies = (model.get("type") == "BPE" and d.get("normalizer") is None and pre.get("type") == "ByteLevel"
+               and not pre.get("add_prefix_space") and post.get("type") in ("RobertaProcessing", "ByteLevel")
+               and post.get("trim_offsets") and not post.get("add_prefix_space"))
+    vocab = None
+    if applies:
+        n_bytes, lead, trail = (np.zeros(state[0], np.int64) for _ in range(3))
+        for token, i in model["vocab"].items():  # byte-level: one character per byte, "Ġ" for a space
+            n_bytes[i], lead[i], trail[i] = len(token), len(token) - len(token.lstrip("Ġ")), len(token) - len(token.rstrip("Ġ"))
+        specials = tuple(t["content"] for t in d.get("added_tokens") or ())
+        vocab = ByteLevelVocab(n_bytes, lead, trail, specials)
+    _BYTE_LEVEL[tok] = (state, vocab)
+    return vocab
