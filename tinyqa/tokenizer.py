@@ -171,7 +171,8 @@ def byte_level_vocab(tok: Tokenizer) -> Optional[ByteLevelVocab]:
     if applies:
         n_bytes, lead, trail = (np.zeros(state[0], np.int64) for _ in range(3))
         for token, i in model["vocab"].items():  # byte-level: one character per byte, "Ġ" for a space
-            n_bytes[i], lead[i], trail[i] = len(token), len(token) - len(token.lstrip("Ġ")), len(token) - len(token.rstrip("Ġ"))
+            n_bytes[i] = len(token)
+            lead[i], trail[i] = len(token) - len(token.lstrip("Ġ")), len(token) - len(token.rstrip("Ġ"))
         specials = tuple(t["content"] for t in d.get("added_tokens") or ())
         vocab = ByteLevelVocab(n_bytes, lead, trail, specials)
     _BYTE_LEVEL[tok] = (state, vocab)
