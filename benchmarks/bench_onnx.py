@@ -10,7 +10,7 @@ forward pass differs. Engines are interleaved slice by slice (--slice questions)
 best round counts:
   tinyqa            EncoderForQA in eager PyTorch as evaluate.py runs it: on AVX-512 CPUs its fp32 Linears
                     prepacked for oneDNN, bias and GELU fused (tinyqa.infer.pack_for_cpu)
-  tinyqa int8       with --quantize int8 (dynamic int8 Linear layers)
+  tinyqa int8       with --quantize int8 (dynamic int8 Linears, q|k|v fused into one, per-row weight scales)
   ORT               ONNX Runtime 1.x on `python -m tinyqa export`'s graph of the same weights
   ORT fused         ONNX Runtime on transformers' eager RobertaForQuestionAnswering export of the same
                     weights, after onnxruntime.transformers' optimizer (fused Attention, SkipLayerNorm,
