@@ -50,8 +50,8 @@ def get_args():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_squad_speed_args(p, "engine")
     p.add_argument("--engines", nargs="+", default=None, help="only these engines (names as in the table)")
-    p.add_argument("--slice", type=positive_int, default=25, help="questions per slice: each round runs every engine on one "
-                                                         "slice in turn, then the next (see main)")
+    p.add_argument("--slice", type=positive_int, default=25,
+                   help="questions per slice: each round runs every engine on one slice in turn, then the next")
     return p.parse_args()
 
 
