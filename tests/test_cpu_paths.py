@@ -1,12 +1,13 @@
 """The CPU inference paths of tinyqa/infer.py: --quantize int8 (dynamic int8 Linears, with oneDNN's kernels where
-the CPU has AVX-512 VNNI or AMX) and fp32's prepacked oneDNN Linears (pack_for_cpu, on AVX-512 CPUs)."""
+the CPU has AVX-512 VNNI or AMX), fp32's prepacked oneDNN Linears (pack_for_cpu, on AVX-512 CPUs) and the forward
+on real tokens only (forward_unpadded, run_model's CPU path)."""
 import copy
 
 import pytest
 import torch
 import torch.ao.quantization
 
-from tinyqa.infer import PackedLinear, fuse_qkv, pack_for_cpu, quantize_int8
+from tinyqa.infer import PackedLinear, forward_unpadded, fuse_qkv, pack_for_cpu, quantize_int8, unpadding_pays
 from tinyqa.model import EncoderConfig, EncoderForQA
 
 
@@ -125,3 +126,44 @@ def test_packing_is_left_out_where_it_does_not_pay_or_apply(monkeypatch):
     assert not [m for m in int8.modules() if isinstance(m, PackedLinear)]  # int8 Linears stay int8
     if torch.backends.mkldnn.is_available():
         assert isinstance(pack_for_cpu(model).qa_outputs, PackedLinear)
+
+
+@pytest.mark.parametrize("family", ["roberta", "bert", "electra"])
+def test_unpadded_forward_gives_the_padded_models_logits(family):
+    """forward_unpadded: the batch's real tokens laid end to end, attention per window (runs of equal lengths
+    in one call), and each window's logits those of the padded forward (oracle: the model's own forward, which
+    the parity tests hold to transformers') within 1e-5. Attention leaking across windows, a window's tokens
+    in the wrong place or a dropped layer step would each move them by far more. Also with q|k|v fused."""
+    torch.manual_seed(0)
+    cfg = EncoderConfig(model_type=family, vocab_size=100, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                        intermediate_size=128, max_position_embeddings=80, embedding_size=32 if family == "electra" else None)
+    model = EncoderForQA(cfg).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    lengths = [40, 40, 33, 33, 33, 12, 5]  # length-sorted as run_model's batches are, with runs of equal lengths
+    ids = torch.randint(3, 100, (len(lengths), 40))
+    types = torch.zeros_like(ids)
+    mask = torch.zeros_like(ids)
+    for row, n in enumerate(lengths):
+        mask[row, :n] = 1
+        types[row, n // 2:n] = 1
+        ids[row, n:] = cfg.pad_token_id
+    for m in (model, fuse_qkv(copy.deepcopy(model))):
+        with torch.inference_mode():
+            padded = m(ids, mask, types)
+            starts, ends = forward_unpadded(m, ids, mask, types)
+        assert [len(s) for s in starts] == [len(e) for e in ends] == lengths
+        for row, n in enumerate(lengths):
+            for ours, ref in ((starts[row], padded.start_logits[row, :n]), (ends[row], padded.end_logits[row, :n])):
+                assert (ours - ref).abs().max() < 1e-5, (row, (ours - ref).abs().max())
+
+
+def test_unpadding_is_for_cpu_inference_without_relative_attention():
+    model = small_model()
+    assert unpadding_pays(model, "cpu") and unpadding_pays(model, torch.device("cpu"))
+    assert not unpadding_pays(model, "cuda")  # one SDPA call per window length: a kernel launch each
+    assert not unpadding_pays(copy.deepcopy(model).train(), "cpu")  # training's eval mode only (no dropout here)
+    cfg = EncoderConfig(vocab_size=100, hidden_size=64, num_hidden_layers=1, num_attention_heads=4,
+                        intermediate_size=128, max_position_embeddings=512, **DEBERTA)
+    assert not unpadding_pays(EncoderForQA(cfg).eval(), "cpu")  # its position bias is built for the padded length

@@ -12,10 +12,12 @@ Features are sorted by length before batching, so each batch is padded only to i
 logits are trimmed back to each feature's length before decoding.
 """
 import copy
+import itertools
 import os
 from dataclasses import replace
 
 import torch
+import torch.nn.functional as F
 
 from .checks import check_device
 from .decode import Answer, DecodeConfig, answer_example, decode  # noqa: F401  (Answer: tinyqa.infer.Answer)
@@ -113,6 +115,52 @@ def pack_for_cpu(model, force=False):
     return model
 
 
+def unpadding_pays(model, device) -> bool:
+    """Where run_model computes on the real tokens only (forward_unpadded): CPU inference. Measured on a 2-core
+    Sapphire Rapids, tinyroberta fp32 on SQuAD dev's windows in run_model's batches: 1.13-1.15x when the
+    questions come 25 at a time (7.4% of the padded tokens are padding), 1.01-1.02x when 300 are sorted
+    together (0.7%). Not on GPUs, where one SDPA call per window length would cost a kernel launch each, nor
+    for DeBERTa, whose relative position bias is built for the padded length."""
+    return torch.device(device).type == "cpu" and not model.training and not model.config.relative_attention
+
+
+def attention_unpadded(attn, x, lengths):
+    """attn (a SelfAttention) over windows laid end to end without padding: x (N, H) holds the tokens of
+    windows of `lengths` (summing to N) one after another. A window attends to itself alone, so SDPA needs no
+    mask; consecutive windows of one length (runs of full 384-token windows in a length-sorted batch) share a
+    call. Returns (N, H)."""
+    N, H = x.shape
+    nh = attn.n_head
+    hs = H // nh
+    q, k, v = attn.project(x)  # (N, H) each
+    out, start = [], 0
+    for n, run in itertools.groupby(lengths):
+        count = len(list(run))
+        rows = slice(start, start + count * n)
+        # (count * n, H) -> (count, n, nh, hs) -> (count, nh, n, hs)
+        qw, kw, vw = (t[rows].view(count, n, nh, hs).transpose(1, 2) for t in (q, k, v))
+        y = F.scaled_dot_product_attention(qw, kw, vw)  # (count, nh, n, hs); default scale 1/sqrt(hs)
+        out.append(y.transpose(1, 2).reshape(count * n, H))
+        start += count * n
+    return attn.out(torch.cat(out))  # (N, H)
+
+
+@torch.inference_mode()
+def forward_unpadded(model, input_ids, attention_mask, token_type_ids=None):
+    """An EncoderForQA's start and end logits computed on the real tokens only: two lists with one (n_i,)
+    tensor per window. Every Linear, LayerNorm and residual add sees (N, H), the batch's N real tokens, rather
+    than (B, L, H) with padding; attention runs per window (attention_unpadded). This is Layer.forward, post-LN,
+    in inference (no dropout); tests/test_cpu_paths.py holds it equal to the padded forward in each family."""
+    keep = attention_mask.bool()  # (B, L)
+    lengths = keep.sum(dim=1).tolist()
+    x = model.encoder.embeddings(input_ids, attention_mask, token_type_ids)[keep]  # (B, L, H) -> (N, H)
+    for layer in model.encoder.layers:
+        x = layer.ln_attn(x + attention_unpadded(layer.attn, x, lengths))
+        x = layer.ln_ffn(x + layer.ffn(x))
+    start, end = model.qa_outputs(x).float().unbind(dim=-1)  # (N,) each
+    return start.contiguous().split(lengths), end.contiguous().split(lengths)
+
+
 # On CPU, batches hold at most this many padded tokens (4 windows of 384). Not for memory: the largest
 # activation, the feed-forward's (tokens, intermediate_size) float32, then stays under 32 MB (19 MB for
 # tinyroberta, 25 MB for roberta-large). glibc's malloc hands freed blocks up to 32 MB back out again, but
@@ -133,10 +181,16 @@ def run_model(model, features, batch_size=64, device="cpu", progress=False):
     from tqdm import tqdm
     starts, ends = [None] * len(features), [None] * len(features)
     batches = length_sorted_batches([len(f.input_ids) for f in features], batch_size, max_tokens_for(device))
+    unpad = unpadding_pays(model, device)
     for idx in tqdm(batches, desc="inference", unit="batch", disable=not progress):
         batch = collate([features[i] for i in idx], pad_id=model.config.pad_token_id)
-        out = model(batch["input_ids"].to(device), batch["attention_mask"].to(device),
-                    batch["token_type_ids"].to(device))
+        inputs = (batch["input_ids"].to(device), batch["attention_mask"].to(device), batch["token_type_ids"].to(device))
+        if unpad:  # the real tokens only: one (n,) tensor per window
+            s, e = forward_unpadded(model, *inputs)
+            for row, i in enumerate(idx):
+                starts[i], ends[i] = s[row].numpy(), e[row].numpy()
+            continue
+        out = model(*inputs)
         s, e = out.start_logits.cpu().numpy(), out.end_logits.cpu().numpy()
         for row, i in enumerate(idx):
             n = len(features[i].input_ids)

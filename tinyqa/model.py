@@ -275,16 +275,19 @@ class SelfAttention(nn.Module):
         self.attn_dropout = cfg.attention_probs_dropout_prob
         self.rel_dropout = cfg.hidden_dropout_prob  # DeBERTa's dropout on the relative embeddings
 
+    def project(self, x):  # (..., H) -> q, k, v: (..., H) each
+        if self.qkv is None:
+            return self.query(x), self.key(x), self.value(x)
+        # CPU inference (infer.py): one matmul, and in int8 the input quantised once, not three times
+        return self.qkv(x).chunk(3, dim=-1)
+
     def forward(self, x, mask, rel=None, need_scores=False):
         """(output (B, L, H), scores): scores are the logits SDPA softmaxes, (B, nh, L, L), when need_scores
         (TinyBERT's attention loss: tinyqa/intermediate.py), else None. The output always comes from SDPA,
         so asking for the scores changes nothing else; padded keys' scores are left in, the loss skips them."""
         B, L, H = x.shape
         hs = H // self.n_head
-        if self.qkv is None:
-            q, k, v = self.query(x), self.key(x), self.value(x)  # (B, L, H) each
-        else:  # CPU inference (infer.py): one matmul, and in int8 the input quantised once, not three times
-            q, k, v = self.qkv(x).chunk(3, dim=-1)
+        q, k, v = self.project(x)  # (B, L, H) each
         # (B, L, H) -> (B, L, nh, hs) -> (B, nh, L, hs)
         q, k, v = (t.view(B, L, self.n_head, hs).transpose(1, 2) for t in (q, k, v))
         if rel is None:
