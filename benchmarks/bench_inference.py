@@ -6,7 +6,7 @@
 
 Contestants, alternated round by round so that machine noise hits all of them alike:
   tinyqa         the evaluate.py path end to end: featurize (batched tokenization, windows), length-sorted
-                 batches padded to their own longest window, forward, vectorised n-best decode;
+                 batches, forward on their real tokens only (no padding on the CPU), vectorised n-best decode;
   tinyqa-int8    the same with --quantize int8 (dynamic int8 Linear layers);
   run_qa         transformers' RobertaForQuestionAnswering (sdpa) as transformers' examples/run_qa.py
                  evaluates: the fast tokenizer with stride and overflow, every window padded to

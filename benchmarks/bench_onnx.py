@@ -6,10 +6,12 @@
 
 Every engine answers the same questions end to end with the same windows (tinyqa's featurizer, 384/128),
 the same length-sorted, token-capped batches (tinyqa.infer.run_model's) and the same decoder; only the
-forward pass differs. Engines are interleaved slice by slice (--slice questions) within each round; the
+forward pass differs. The ONNX engines take each batch padded to its longest window; tinyqa computes on the
+real tokens only (forward_unpadded), as evaluate.py does. How much of a padded batch is padding depends on how
+many questions are sorted together (--slice): the run prints it. Engines are interleaved slice by slice (--slice questions) within each round; the
 best round counts:
-  tinyqa            EncoderForQA in eager PyTorch as evaluate.py runs it: on AVX-512 CPUs its fp32 Linears
-                    prepacked for oneDNN, bias and GELU fused (tinyqa.infer.pack_for_cpu)
+  tinyqa            EncoderForQA in eager PyTorch as evaluate.py runs it: on the real tokens only, and on
+                    AVX-512 CPUs its fp32 Linears prepacked for oneDNN, bias and GELU fused (pack_for_cpu)
   tinyqa int8       with --quantize int8 (dynamic int8 Linears, q|k|v fused into one, per-row weight scales)
   ORT               ONNX Runtime 1.x on `python -m tinyqa export`'s graph of the same weights
   ORT fused         ONNX Runtime on transformers' eager RobertaForQuestionAnswering export of the same
@@ -136,6 +138,17 @@ def ort_int8(path_in, path_out):
 ENGINE_BATCH = 64
 
 
+def padding_share(examples, slice_size, tok, fcfg):
+    """The share of padding among the tokens of run_model's padded batches, slice by slice."""
+    real = padded = 0
+    for i in range(0, len(examples), slice_size):
+        lengths = [len(f.input_ids) for f in featurize(examples[i:i + slice_size], tok, fcfg, with_labels=False)]
+        for idx in length_sorted_batches(lengths, ENGINE_BATCH, max_tokens_for("cpu")):
+            real += sum(lengths[j] for j in idx)
+            padded += len(idx) * max(lengths[j] for j in idx)
+    return 1 - real / padded
+
+
 def main():
     global ENGINE_BATCH
     args = get_args()
@@ -186,6 +199,8 @@ def main():
     flops = sum(n * flops_per_token(cfg, n) for n in lengths)
     print(f"{len(examples)} questions, {len(lengths)} windows (mean {np.mean(lengths):.0f} tokens); "
           f"{model.num_params() / 1e6:.1f}M parameters")
+    print(f"padding: {100 * padding_share(examples, args.slice, tok, fcfg):.1f}% of the tokens in the padded batches of "
+          f"{args.slice}-question slices (the ONNX engines compute them, tinyqa skips them)")
     # This VM's speed drifts by tens of percent over minutes, so each round interleaves the engines slice by
     # slice (args.slice questions, the engines' order rotated per slice): every engine's round time then
     # spans the same stretch of the machine's good and bad moments.

@@ -9,7 +9,8 @@
 decodes as transformers' question-answering pipeline did, with its probabilities (tinyqa/decode.py).
 
 Features are sorted by length before batching, so each batch is padded only to its own longest window;
-logits are trimmed back to each feature's length before decoding.
+on the CPU the layers then skip even that padding (forward_unpadded); logits are trimmed back to each
+feature's length before decoding.
 """
 import copy
 import itertools
