@@ -143,7 +143,8 @@ def attention_unpadded(attn, x, lengths):
         y = F.scaled_dot_product_attention(qw, kw, vw)  # (count, nh, n, hs); default scale 1/sqrt(hs)
         out.append(y.transpose(1, 2).reshape(count * n, H))
         start += count * n
-    return attn.out(torch.cat(out))  # (N, H)
+    # SDPA's CPU output is laid out (count, n, nh, hs), so each reshape above is free; one run needs no cat
+    return attn.out(out[0] if len(out) == 1 else torch.cat(out))  # (N, H)
 
 
 @torch.inference_mode()
