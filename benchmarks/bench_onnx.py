@@ -8,8 +8,8 @@ Every engine answers the same questions end to end with the same windows (tinyqa
 the same length-sorted, token-capped batches (tinyqa.infer.run_model's) and the same decoder; only the
 forward pass differs. The ONNX engines take each batch padded to its longest window; tinyqa computes on the
 real tokens only (forward_unpadded), as evaluate.py does. How much of a padded batch is padding depends on how
-many questions are sorted together (--slice): the run prints it. Engines are interleaved slice by slice (--slice questions) within each round; the
-best round counts:
+many questions are sorted together (--slice): the run prints it. Engines are interleaved slice by slice
+(--slice questions) within each round; the best round counts:
   tinyqa            EncoderForQA in eager PyTorch as evaluate.py runs it: on the real tokens only, and on
                     AVX-512 CPUs its fp32 Linears prepacked for oneDNN, bias and GELU fused (pack_for_cpu)
   tinyqa int8       with --quantize int8 (dynamic int8 Linears, q|k|v fused into one, per-row weight scales)
