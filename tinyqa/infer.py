@@ -130,7 +130,7 @@ def attention_unpadded(attn, x, lengths):
     windows of `lengths` (summing to N) one after another. A window attends to itself alone, so SDPA needs no
     mask; consecutive windows of one length (runs of full 384-token windows in a length-sorted batch) share a
     call. Returns (N, H)."""
-    N, H = x.shape
+    H = x.shape[1]
     nh = attn.n_head
     hs = H // nh
     q, k, v = attn.project(x)  # (N, H) each
