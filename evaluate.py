@@ -5,12 +5,12 @@
     python evaluate.py --split test                     # out-of-domain dev (the card's "Test")
     python evaluate.py --model DIR --data a.jsonl.gz b.jsonl.gz --output preds.json --metrics metrics.json
     python evaluate.py --predictions preds.json --data SQuAD-dev.jsonl.gz   # score a file, no model
-    python evaluate.py --model DIR --data dev-v2.0.json --allow-null --nbest nbest.json --per-question q.jsonl
+    python evaluate.py --model DIR --data dev-v2.0.json --handle-impossible-answer --nbest nbest.json --per-question q.jsonl
 
 Prints a table per dataset plus the macro average over datasets (MRQA's headline) and the micro average;
 for a known checkpoint evaluated on a whole official split, the model card's numbers beneath.
 --data also takes SQuAD v1.1 / v2.0 JSON files. A v2.0 file's unanswerable questions are scored by SQuAD
-2.0's rules (an empty prediction is right) with --allow-null, and left out, with a notice, without it.
+2.0's rules (an empty prediction is right) with --handle-impossible-answer, and left out, with a notice, without it.
 """
 import argparse
 import json
@@ -22,53 +22,41 @@ from dataclasses import replace
 import torch
 from tqdm import tqdm
 
-from tinyqa.checks import (check_device, check_distinct_outputs, check_featurizer, check_input_files,
-                           check_output_file, nonneg_int, positive_int)
+from tinyqa.catalog import ALIASES, CARD_SCORES, SPLITS, card_table, resolve_dir, split_files
+from tinyqa.checks import check_device, check_distinct_outputs, check_featurizer, check_input_files, check_output_file
+from tinyqa.cli import (DTYPES, HelpFormatter, add_decoder_args, add_featurizer_args, add_inference_model_args,
+                        positive_int)
+from tinyqa.data import stream_files
+from tinyqa.decode import DecodeConfig, decode, decode_nbest
 from tinyqa.errors import TinyQAError, cli_errors
-from tinyqa.decode import decode, decode_nbest
+from tinyqa.examples import ReadReport
 from tinyqa.features import pair_layout
-from tinyqa.files import atomic_write, write_json
-from tinyqa.infer import DecodeConfig, featurizer_config_of, forward_examples
+from tinyqa.files import atomic_write, chunks, write_json
+from tinyqa.infer import featurizer_config_of, forward_examples
 from tinyqa.metrics import example_scores, score_datasets
-from tinyqa.mrqa import SPLITS, ReadReport, split_files, stream_files
-from tinyqa.train import HelpFormatter
-from tinyqa.weights import ALIASES, CARD_SCORES, card_table, resolve_dir
-
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def get_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter,
+def build_parser():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter, allow_abbrev=False,
                                 epilog="The model card's family: --model takes the alias (macro EM/F1 as the card "
                                        "reports them; eval = --split dev, test = --split test):\n" + card_table())
     g = p.add_argument_group("data")
     g.add_argument("--split", choices=["dev", "test"], default=None,
                    help="official MRQA split to download and evaluate: dev = the six in-domain dev sets, "
                         "test = the six out-of-domain dev sets (default: dev, unless --data is given)")
-    g.add_argument("--data", nargs="+", metavar="FILE", help="local MRQA .jsonl or .jsonl.gz files instead of --split")
+    g.add_argument("--data", nargs="+", metavar="FILE",
+                   help="local MRQA .jsonl(.gz) or SQuAD .json files instead of --split")
     g.add_argument("--skip-bad", action="store_true",
                    help="skip malformed lines (counted and reported) instead of stopping at the first one")
     g.add_argument("--limit", type=positive_int, default=None, help="evaluate only the first N questions of each file")
-    g = p.add_argument_group("model")
-    g.add_argument("--model", default="tinyroberta-mrqa",
-                   help="alias (the table below), hub id or local checkpoint directory of a RoBERTa, BERT, ELECTRA "
-                        "or DeBERTa-v3 QA model")
+    g = add_inference_model_args(p, device="cuda" if torch.cuda.is_available() else "cpu")
     g.add_argument("--predictions", metavar="FILE",
                    help="score this existing {qid: answer} JSON file instead of running a model")
-    g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
-    g.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32", help="weights/compute dtype")
-    g.add_argument("--quantize", choices=["int8"], default=None,
-                   help="CPU only: dynamic int8 quantisation of the Linear layers (faster, slightly less accurate)")
-    g.add_argument("--batch-size", type=positive_int, default=64, help="windows per forward pass (length-sorted)")
     g.add_argument("--threads", type=positive_int, default=None, help="torch intra-op threads (default: torch's choice)")
-    g = p.add_argument_group("featurizer and decoder (model card defaults; a checkpoint trained by tinyqa "
-                             "brings its own window settings in its args.json)")
-    g.add_argument("--max-seq-len", type=positive_int, default=None, help="tokens per window, special tokens included (card: 384)")
-    g.add_argument("--doc-stride", type=nonneg_int, default=None, help="overlap in tokens between consecutive windows (card: 128)")
-    g.add_argument("--max-query-length", type=positive_int, default=None, help="question tokens kept, the rest is cut (card: 64)")
+    add_featurizer_args(p, card_defaults=False)
+    g = p.add_argument_group("decoder (run_qa's n-best)")
     g.add_argument("--n-best", type=positive_int, default=20, help="top start and end logits combined per window")
-    g.add_argument("--max-answer-len", type=positive_int, default=30, help="longest answer in tokens")
-    g.add_argument("--allow-null", action="store_true", help="allow the empty answer (SQuAD 2.0-style models)")
+    add_decoder_args(g)
     g = p.add_argument_group("output")
     g.add_argument("--output", metavar="FILE", help="write predictions as {qid: answer} JSON (the official format)")
     g.add_argument("--metrics", metavar="FILE", help="write {datasets, macro, micro} metrics JSON")
@@ -79,6 +67,11 @@ def get_args(argv=None):
                    help="write one JSON line per question: qid, dataset, question, gold answers, prediction, "
                         "exact_match (0/1), f1 (0..1), for error analysis")
     g.add_argument("--quiet", action="store_true", help="no progress bars")
+    return p
+
+
+def get_args(argv=None):
+    p = build_parser()
     args = p.parse_args(argv)
     if args.split and args.data:
         p.error("give --split or --data, not both")
@@ -102,8 +95,8 @@ def check_args(args):
     args.model_name = args.model  # as given: an alias or hub id finds the card's scores
     args.model = resolve_dir(args.model, flag="--model")  # a local folder now (downloaded if a hub id)
     fcfg = featurizer_config_of(args.model, max_seq_len=args.max_seq_len, doc_stride=args.doc_stride,
-                                max_query_length=args.max_query_length)
-    check_featurizer(fcfg.max_seq_len, fcfg.doc_stride, fcfg.max_query_length)
+                                max_question_len=args.max_question_len)
+    check_featurizer(fcfg.max_seq_len, fcfg.doc_stride, fcfg.max_question_len)
     return fcfg
 
 
@@ -115,7 +108,7 @@ CHUNK_QUESTIONS = 2000
 def stream_examples(args, files, report):
     """(dataset name, Example) of every question to score, in file order, read lazily. Names come from each
     file's header, else its name (two files naming the same dataset stay apart). A SQuAD 2.0 question with
-    no answer is only kept with --allow-null; the others are counted in args.left_out."""
+    no answer is only kept with --handle-impossible-answer; the others are counted in args.left_out."""
     names = {}
     for i, ex in stream_files(files, args.limit, args.skip_bad, report, flag="--data"):
         if i not in names:
@@ -123,21 +116,10 @@ def stream_examples(args, files, report):
             while unique in names.values():
                 unique, k = f"{ex.dataset}#{k}", k + 1
             names[i] = unique
-        if not ex.answers and not args.allow_null:
+        if not ex.answers and not args.handle_impossible_answer:
             args.left_out[names[i]] = args.left_out.get(names[i], 0) + 1
             continue
         yield names[i], ex
-
-
-def chunks(iterable, n):
-    chunk = []
-    for x in iterable:
-        chunk.append(x)
-        if len(chunk) == n:
-            yield chunk
-            chunk = []
-    if chunk:
-        yield chunk
 
 
 def read_predictions(path):
@@ -180,15 +162,15 @@ def main(argv=None):
         torch.set_num_threads(args.threads)
     qa = None
     if not args.predictions:  # the model first: a wrong --model fails before any data is downloaded or read
-        from tinyqa.infer import QuestionAnswerer
+        from tinyqa.answerer import QuestionAnswerer
         qa = QuestionAnswerer.from_pretrained(args.model, device=args.device, dtype=DTYPES[args.dtype],
                                               quantize=args.quantize)
         # the exact room for context, now that the tokenizer says how many special tokens a window has
-        check_featurizer(fcfg.max_seq_len, fcfg.doc_stride, fcfg.max_query_length, pair_layout(qa.tokenizer).n_special)
+        check_featurizer(fcfg.max_seq_len, fcfg.doc_stride, fcfg.max_question_len, pair_layout(qa.tokenizer).n_special)
     files = args.data or split_files(args.split or "dev", progress=not args.quiet)
     report, args.left_out = ReadReport(), {}
     by_dataset, answers = {}, {}  # name -> [Example without its context]; qid -> predicted answer
-    dcfg = DecodeConfig(args.n_best, args.max_answer_len, args.allow_null)
+    dcfg = DecodeConfig(args.n_best, args.max_answer_len, args.handle_impossible_answer)
     t0 = time.perf_counter()
     with (nbest_writer(args.nbest) if args.nbest and qa else nullcontext()) as nbest, \
             tqdm(desc="evaluate", unit=" questions", disable=args.quiet or qa is None) as bar:
@@ -200,7 +182,7 @@ def main(argv=None):
                 bar.update(len(chunk))
     report.print(lambda line: print(line, file=sys.stderr))
     for name, n in args.left_out.items():
-        print(f"note: {name}: {n} unanswerable question(s) left out; pass --allow-null to score them by "
+        print(f"note: {name}: {n} unanswerable question(s) left out; pass --handle-impossible-answer to score them by "
               "SQuAD 2.0's rules (for a model trained to give the null answer)", file=sys.stderr)
     # datasets with unanswerable questions (SQuAD v2.0 files) are scored by SQuAD 2.0's rules
     squad2 = {name for name, exs in by_dataset.items() if any(not ex.answers for ex in exs)}
@@ -228,8 +210,8 @@ def predict_chunk(qa, examples, fcfg, dcfg, args, nbest=None) -> dict:
     """{qid: answer} for one chunk of examples (run_qa's n-best decoder), its n-best lists written to nbest."""
     features, starts, ends = forward_examples(qa.model, qa.tokenizer, examples, fcfg, args.batch_size, args.device)
     if nbest is not None:
-        nbest.write(decode_nbest(examples, features, starts, ends, dcfg.n_best, dcfg.max_answer_len, dcfg.allow_null))
-    preds = decode(examples, features, starts, ends, dcfg.n_best, dcfg.max_answer_len, dcfg.allow_null)
+        nbest.write(decode_nbest(examples, features, starts, ends, dcfg.n_best, dcfg.max_answer_len, dcfg.handle_impossible_answer))
+    preds = decode(examples, features, starts, ends, dcfg.n_best, dcfg.max_answer_len, dcfg.handle_impossible_answer)
     return {qid: p.text for qid, p in preds.items()}
 
 

@@ -8,16 +8,16 @@ Teacher and student may be RoBERTa, BERT, ELECTRA or DeBERTa-v3 models, of any f
 
 loss = w * T^2 * (KL_start + KL_end) + (1 - w) * (CE_start + CE_end) / 2   (see tinyqa/losses.py)
 Teacher logits are computed once and cached on disk (float16); --teacher-on-the-fly skips the cache.
-The defaults are the deepset/tinyroberta model card's hyperparameters (DISTILL_CARD in tinyqa/train.py).
+The defaults are the deepset/tinyroberta model card's hyperparameters (DISTILL_CARD in tinyqa/cli.py).
 """
+from tinyqa.cli import distill_args
 from tinyqa.errors import cli_errors
-from tinyqa.train import build_parser, train
+from tinyqa.train import train
 
 
 def main(argv=None):
-    args = build_parser(distill=True, description=__doc__).parse_args(argv)
     with cli_errors():
-        train(args)
+        train(distill_args(argv, description=__doc__))
 
 
 if __name__ == "__main__":

@@ -4,16 +4,16 @@
     python train_finetune.py --model DIR --train a.jsonl.gz b.jsonl.gz --epochs 3
 
 Same loop, checkpoints, --resume and torchrun support as train_distill.py; defaults are the card's
-fine-tuning stage (lr 1e-5, 3 epochs, batch 16, weight decay 0.01; FINETUNE_CARD in tinyqa/train.py).
+fine-tuning stage (lr 1e-5, 3 epochs, batch 16, weight decay 0.01; FINETUNE_CARD in tinyqa/cli.py).
 """
+from tinyqa.cli import finetune_args
 from tinyqa.errors import cli_errors
-from tinyqa.train import build_parser, train
+from tinyqa.train import train
 
 
 def main(argv=None):
-    args = build_parser(distill=False, description=__doc__).parse_args(argv)
     with cli_errors():
-        train(args)
+        train(finetune_args(argv, description=__doc__))
 
 
 if __name__ == "__main__":

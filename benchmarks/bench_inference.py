@@ -36,7 +36,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 from benchmarks.common import add_squad_speed_args, matmul_peak  # noqa: E402
 from tinyqa.features import FeaturizerConfig, featurize  # noqa: E402
-from tinyqa.infer import DecodeConfig, pack_for_cpu, predict, quantize_int8, run_model  # noqa: E402
+from tinyqa.decode import DecodeConfig  # noqa: E402
+from tinyqa.cpu import pack_for_cpu, quantize_int8  # noqa: E402
+from tinyqa.infer import predict, run_model  # noqa: E402
 from tinyqa.metrics import score_datasets  # noqa: E402
 from tinyqa.model import flops_per_token  # noqa: E402
 from tinyqa.mrqa import read_mrqa  # noqa: E402
@@ -110,7 +112,7 @@ def main():
     args = get_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    from transformers import RobertaConfig as HFConfig
+    from transformers import EncoderConfig as HFConfig
     from transformers import RobertaForQuestionAnswering, RobertaTokenizerFast
     import transformers
 
@@ -150,7 +152,7 @@ def main():
     if pipe is not None:
         qs = [{"question": ex.question, "context": ex.context} for ex in examples]
         contestants["pipeline"] = lambda: pipe(qs, batch_size=args.batch_size, max_seq_len=fcfg.max_seq_len,
-                                               doc_stride=fcfg.doc_stride, max_question_len=fcfg.max_query_length)
+                                               doc_stride=fcfg.doc_stride, max_question_len=fcfg.max_question_len)
 
     if not args.rss_only:
         race(args, contestants, examples, flops, why_no_pipe)
@@ -211,7 +213,7 @@ def evaluate_rss(args, tmp):
 
 def int8_accuracy(args, dcfg):
     dev = list(read_mrqa(args.accuracy_data))
-    from tinyqa.infer import QuestionAnswerer
+    from tinyqa.answerer import QuestionAnswerer
     rows = {}
     for q in (None, "int8"):
         qa = QuestionAnswerer.from_pretrained(args.accuracy_model, quantize=q)

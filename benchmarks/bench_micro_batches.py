@@ -26,7 +26,8 @@ from benchmarks.common import minilm_folder, squad_dev  # noqa: E402
 from tinyqa.features import FeaturizerConfig, featurize  # noqa: E402
 from tinyqa.mrqa import read_mrqa  # noqa: E402
 from tinyqa.tokenizer import load_tokenizer  # noqa: E402
-from tinyqa.train import build_parser, epoch_batches, train  # noqa: E402
+from tinyqa import cli  # noqa: E402
+from tinyqa.train import epoch_batches, train  # noqa: E402
 from tinyqa.weights import load_model, save_pretrained  # noqa: E402
 
 
@@ -68,7 +69,7 @@ def main():
     for _ in range(args.rounds):
         for accum in args.accum:
             out = os.path.join(work, f"accum{accum}")
-            train(build_parser(False).parse_args([
+            train(cli.finetune_args([
                 "--model", init, "--train", data, "--out", out, "--max-seq-len", str(args.max_seq_len),
                 "--doc-stride", str(args.doc_stride), "--batch-size", str(args.batch_size), "--grad-accum", str(accum),
                 "--epochs", "1", "--stop-after", str(args.steps), "--save-every", "0", "--seed", "0", "--quiet",

@@ -36,11 +36,12 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 from benchmarks.common import add_squad_speed_args, cpu_name, matmul_peak  # noqa: E402
-from tinyqa.checks import positive_int  # noqa: E402
+from tinyqa.cli import positive_int  # noqa: E402
 from tinyqa.decode import DecodeConfig, decode  # noqa: E402
 from tinyqa.export import export_onnx  # noqa: E402
 from tinyqa.features import FeaturizerConfig, collate, featurize, length_sorted_batches  # noqa: E402
-from tinyqa.infer import max_tokens_for, pack_for_cpu, packing_pays, quantize_int8, run_model  # noqa: E402
+from tinyqa.cpu import max_tokens_for, pack_for_cpu, packing_pays, quantize_int8  # noqa: E402
+from tinyqa.infer import run_model  # noqa: E402
 from tinyqa.metrics import score  # noqa: E402
 from tinyqa.model import EncoderConfig, EncoderForQA, flops_per_token  # noqa: E402
 from tinyqa.mrqa import read_mrqa  # noqa: E402

@@ -49,7 +49,8 @@ from benchmarks.common import shared_data  # noqa: E402
 from tinyqa.features import FeaturizerConfig, collate, featurize, length_sorted_batches  # noqa: E402
 from tinyqa.losses import span_ce_loss  # noqa: E402
 from tinyqa.model import EncoderConfig, EncoderForQA  # noqa: E402
-from tinyqa.mrqa import SPLITS, read_mrqa  # noqa: E402
+from tinyqa.catalog import SPLITS  # noqa: E402
+from tinyqa.mrqa import read_mrqa  # noqa: E402
 from tinyqa.store import build, store_key  # noqa: E402
 from tinyqa.teacher_cache import compute, finish, start  # noqa: E402
 from tinyqa.tokenizer import load_tokenizer  # noqa: E402

@@ -10,7 +10,7 @@ Three comparisons, each alternated round by round so that machine noise hits bot
    timed by the loop's own examples/s log (the one-off cache computation is reported separately), and the
    intermediate stage (--stage intermediate: the teacher per batch with its hidden states and attention
    scores), with the share of its time spent in the teacher;
-2. one optimizer step of tinyqa's RobertaForQA vs transformers' RobertaForQuestionAnswering (sdpa) with
+2. one optimizer step of tinyqa's EncoderForQA vs transformers' RobertaForQuestionAnswering (sdpa) with
    the same weights, batch, loss (tinyqa.losses.distillation_loss) and AdamW;
 3. peak memory (VmHWM, or CUDA's max allocated) of each distillation variant, each run in its own process.
 The default student/teacher sizes keep tinyroberta/roberta-large's forward FLOPs ratio (about 7x).
@@ -32,11 +32,12 @@ sys.path.insert(0, ROOT)
 from tinyqa.demo import model_config  # noqa: E402
 from tinyqa.features import FeaturizerConfig, collate, featurize  # noqa: E402
 from tinyqa.losses import distillation_loss  # noqa: E402
-from tinyqa.model import RobertaConfig, RobertaForQA, flops_per_token  # noqa: E402
+from tinyqa.model import EncoderConfig, EncoderForQA, flops_per_token  # noqa: E402
 from tinyqa.mrqa import read_mrqa  # noqa: E402
 from tinyqa.synthetic import make_dataset, train_tokenizer, write_mrqa  # noqa: E402
 from tinyqa.tokenizer import save_tokenizer  # noqa: E402
-from tinyqa.train import build_parser, param_groups, train  # noqa: E402
+from tinyqa import cli  # noqa: E402
+from tinyqa.train import param_groups, train  # noqa: E402
 from tinyqa.weights import load_model, save_pretrained  # noqa: E402
 
 
@@ -86,22 +87,21 @@ def main():
             d.update(vocab_size=V, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
         else:
             d = model_config(default, V, args.max_seq_len)
-        cfgs[name] = RobertaConfig(**{k: v for k, v in d.items() if k in RobertaConfig.__dataclass_fields__})
+        cfgs[name] = EncoderConfig(**{k: v for k, v in d.items() if k in EncoderConfig.__dataclass_fields__})
         torch.manual_seed(1)
-        save_pretrained(RobertaForQA(cfgs[name]), os.path.join(work, name))
+        save_pretrained(EncoderForQA(cfgs[name]), os.path.join(work, name))
         save_tokenizer(tok, os.path.join(work, name))
         with open(os.path.join(work, f"{name}.json"), "w") as f:
             json.dump(d, f)
     s_cfg, t_cfg = cfgs["student"], cfgs["teacher"]
     ratio = flops_per_token(t_cfg, 100) / flops_per_token(s_cfg, 100)
-    large = RobertaConfig(num_hidden_layers=24, hidden_size=1024, intermediate_size=4096, num_attention_heads=16)
-    card_ratio = flops_per_token(large, 100) / flops_per_token(RobertaConfig(num_hidden_layers=6), 100)
+    large = EncoderConfig(num_hidden_layers=24, hidden_size=1024, intermediate_size=4096, num_attention_heads=16)
+    card_ratio = flops_per_token(large, 100) / flops_per_token(EncoderConfig(num_hidden_layers=6), 100)
     print(f"student {s_cfg.num_hidden_layers}x{s_cfg.hidden_size}, teacher {t_cfg.num_hidden_layers}x"
           f"{t_cfg.hidden_size}: teacher/student forward FLOPs per token {ratio:.1f}x (tinyroberta/roberta-large: "
           f"{card_ratio:.1f}x); device {args.device}, {torch.get_num_threads()} threads")
 
     # --- 1. cached teacher logits vs teacher on the fly, through train() itself
-    parser = build_parser(True)
     common = ["--train", train_file, "--teacher", os.path.join(work, "teacher"), "--student",
               os.path.join(work, "student"), "--max-seq-len", str(args.max_seq_len), "--doc-stride",
               str(args.doc_stride), "--batch-size", str(args.batch_size), "--epochs", "1", "--save-every", "0",
@@ -113,13 +113,13 @@ def main():
         out, sys.stdout = sys.stdout, devnull  # train() talks; the table below is what counts
         try:
             t = time.perf_counter()
-            train(parser.parse_args([*common, *cache, "--out", os.path.join(work, "warm")]))  # computes the cache
+            train(cli.distill_args([*common, *cache, "--out", os.path.join(work, "warm")]))  # computes the cache
             first = time.perf_counter() - t
             best = dict.fromkeys(variants, 0.0)
             for r in range(args.rounds):
                 for name, extra in variants.items():
                     run_dir = os.path.join(work, f"run-{r}-{name.replace(' ', '')}")
-                    train(parser.parse_args([*common, *extra, "--out", run_dir]))
+                    train(cli.distill_args([*common, *extra, "--out", run_dir]))
                     best[name] = max(best[name], loop_examples_per_s(os.path.join(run_dir, "log.jsonl")))
                     if name == "intermediate":
                         teacher_share[r] = loop_teacher_share(os.path.join(run_dir, "log.jsonl"), args.batch_size)
@@ -181,8 +181,9 @@ def main():
     # --- 3. peak memory of each variant, each in a fresh process (a process's peak only ever grows)
     print(f"\n3. peak memory of {args.steps} distillation steps, one process each:")
     for name, extra in variants.items():
-        code = ("import sys; sys.path.insert(0, sys.argv[1]); from tinyqa.train import build_parser, train, peak_memory; "
-                "a = build_parser(True).parse_args(sys.argv[3:]); train(a); print('PEAK', peak_memory(sys.argv[2]))")
+        code = ("import sys; sys.path.insert(0, sys.argv[1]); from tinyqa import cli; "
+                "from tinyqa.train import train, peak_memory; "
+                "a = cli.distill_args(sys.argv[3:]); train(a); print('PEAK', peak_memory(sys.argv[2]))")
         r = subprocess.run([sys.executable, "-c", code, ROOT, args.device, *common, *extra, "--out",
                             os.path.join(work, f"mem-{name.replace(' ', '')}")], capture_output=True, text=True)
         peak = next((line[5:] for line in r.stdout.splitlines() if line.startswith("PEAK ")), r.stderr[-300:])

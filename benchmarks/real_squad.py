@@ -50,7 +50,7 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 from benchmarks.common import minilm_folder, squad_dev  # noqa: E402
-from tinyqa.checks import learning_rate, nonneg_int, positive_int  # noqa: E402
+from tinyqa.cli import learning_rate, nonneg_int, positive_int  # noqa: E402
 from tinyqa.decode import DecodeConfig  # noqa: E402
 from tinyqa.features import FeaturizerConfig  # noqa: E402
 from tinyqa.infer import predict  # noqa: E402
@@ -58,7 +58,8 @@ from tinyqa.intermediate import student_from_teacher_layers  # noqa: E402
 from tinyqa.metrics import score_datasets  # noqa: E402
 from tinyqa.mrqa import read_mrqa  # noqa: E402
 from tinyqa.tokenizer import load_tokenizer  # noqa: E402
-from tinyqa.train import build_parser, train  # noqa: E402
+from tinyqa import cli  # noqa: E402
+from tinyqa.train import train  # noqa: E402
 from tinyqa.weights import load_model, save_pretrained  # noqa: E402
 
 
@@ -133,7 +134,7 @@ def split_by_article(path, out, heldout_fraction=0.2, seed=0):
 
 def run_training(distill, flags):
     """train_finetune.py (distill False) or train_distill.py with these flags, in this process."""
-    return train(build_parser(distill).parse_args(flags))
+    return train((cli.distill_args if distill else cli.finetune_args)(flags))
 
 
 def train_flags(args, train_file, out, epochs, lr, batch_size, grad_accum):

@@ -168,9 +168,10 @@ def synth_args(synth, out, *extra):
 @pytest.fixture(scope="session")
 def teacher(synth):
     """A 2 x 128 teacher fine-tuned from random weights on synth's train file (dev F1 about 31)."""
-    from tinyqa.train import build_parser, train
+    from tinyqa import cli
+    from tinyqa.train import train
     out = synth["dir"] / "teacher"
-    train(build_parser(False).parse_args(synth_args(synth, out, "--init-config", synth["teacher_cfg"], "--epochs", "6",
+    train(cli.finetune_args(synth_args(synth, out, "--init-config", synth["teacher_cfg"], "--epochs", "6",
                                                     "--batch-size", "32", "--lr", "2e-3", "--warmup-proportion", "0.1")))
     return out
 

@@ -1,7 +1,7 @@
 """A small random QA checkpoint with a tokenizer trained on generated text: no ../shared, no download."""
 import torch
 
-from tinyqa import RobertaConfig, RobertaForQA, save_pretrained
+from tinyqa import EncoderConfig, EncoderForQA, save_pretrained
 from tinyqa.synthetic import make_dataset, train_tokenizer
 
 
@@ -11,7 +11,7 @@ def tiny_checkpoint(directory, seed=3):
     texts = [r["context"] for r in rows] + [q["question"] for r in rows for q in r["qas"]]
     tok = train_tokenizer(texts, vocab_size=800)
     torch.manual_seed(0)
-    model = RobertaForQA(RobertaConfig(vocab_size=tok.get_vocab_size(), hidden_size=32, num_hidden_layers=2,
+    model = EncoderForQA(EncoderConfig(vocab_size=tok.get_vocab_size(), hidden_size=32, num_hidden_layers=2,
                                        num_attention_heads=2, intermediate_size=64))
     with torch.no_grad():  # spread the QA logits so that different questions get different answers
         model.qa_outputs.weight.mul_(100.0)

@@ -238,9 +238,9 @@ def test_cli_streams_answers_while_input_is_still_coming(checkpoint, pairs):
     (["--question", "a", "--questions", "f", "--context", "c"], "not both"),
     (["--question", "Who?", "--context", "@/no/such/file"], "/no/such/file: cannot read it"),
     (["--questions", "/", "--context", "c"], "/: is a directory"),
-    (["--top-k", "0", "--question", "a", "--context", "b"], "argument --top-k: 0 is not >= 1"),
-    (["--doc-stride", "-1", "--question", "a", "--context", "b"], "argument --doc-stride: -1 is not >= 0"),
-    (["--max-seq-len", "x", "--question", "a", "--context", "b"], "'x' is not a whole number"),
+    (["--top-k", "0", "--question", "a", "--context", "b"], "argument --top-k: must be a positive integer, got 0"),
+    (["--doc-stride", "-1", "--question", "a", "--context", "b"], "argument --doc-stride: must be an integer >= 0, got -1"),
+    (["--max-seq-len", "x", "--question", "a", "--context", "b"], "must be a positive integer, got 'x'"),
 ])
 def test_cli_bad_input_is_one_line_before_the_model_loads(args, message, capsys):
     from tinyqa.__main__ import main
@@ -262,11 +262,11 @@ def test_cli_empty_stdin_and_help(checkpoint, capsys):
     for flag, default in (("--top-k", "1"), ("--max-answer-len", "30"), ("--batch-size", "64"),
                           ("--chunk-size", "64"), ("--model", "tinyroberta-mrqa")):
         assert re.search(rf"{flag} \S+ .*?\(default: {default}\)", text), flag
-    for flag in ("--max-seq-len", "--doc-stride", "--max-query-length", "--max-question-len", "--dtype",
+    for flag in ("--max-seq-len", "--doc-stride", "--max-question-len", "--max-question-len", "--dtype",
                  "--quantize", "--handle-impossible-answer", "--no-align-to-words", "--questions", "--json"):
         assert flag in text
 
 
 def test_strict_json_has_no_infinity():
-    from tinyqa.server import strict_json
+    from tinyqa.files import strict_json
     assert strict_json({"score": float("-inf"), "x": [float("nan"), 1.5]}) == '{"score": null, "x": [null, 1.5]}'

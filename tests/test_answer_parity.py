@@ -20,7 +20,7 @@ from conftest import ROOT
 
 from tinyqa import QuestionAnswerer
 from tinyqa.features import FeaturizerConfig, featurize
-from tinyqa.mrqa import Example
+from tinyqa.examples import Example
 
 FIXTURES = ROOT / "tests" / "fixtures"
 FIXTURE = FIXTURES / "pipeline_parity.json"

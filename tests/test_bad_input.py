@@ -26,14 +26,16 @@ import torch
 from conftest import ROOT
 from safetensors.torch import load_file, save_file
 
-from tinyqa import QuestionAnswerer, RobertaConfig, RobertaForQA, TinyQAError, load_model, load_tokenizer, save_pretrained
+from tinyqa import EncoderConfig, EncoderForQA, QuestionAnswerer, TinyQAError, load_model, load_tokenizer, save_pretrained
 from tinyqa.errors import cli_errors
 from tinyqa.features import FeaturizerConfig
 from tinyqa.infer import predict
-from tinyqa.mrqa import ReadReport, read_mrqa
+from tinyqa.examples import ReadReport
+from tinyqa.mrqa import read_mrqa
 from tinyqa.synthetic import make_dataset, train_tokenizer, write_mrqa
 from tinyqa.tokenizer import save_tokenizer
-from tinyqa.train import build_parser, train
+from tinyqa import cli
+from tinyqa.train import train
 
 # --- bad MRQA files: name -> (lines, or bytes; what the error must say)
 
@@ -130,9 +132,9 @@ def world(tmp_path_factory):
     (w / "cfg-inf.json").write_text(json.dumps({**cfg, "initializer_range": 1e30}))  # logits overflow at once
     (w / "cfg-4heads.json").write_text(json.dumps({**cfg, "num_attention_heads": 4}))  # not the teacher's 2
     torch.manual_seed(0)
-    save_pretrained(RobertaForQA(RobertaConfig(**cfg)), w / "model", tokenizer=tok)
-    (w / "model" / "args.json").write_text(json.dumps({"max_seq_len": 128, "doc_stride": 32, "max_query_length": 64}))
-    save_pretrained(RobertaForQA(RobertaConfig(**{**cfg, "max_position_embeddings": 66})), w / "short", tokenizer=tok)
+    save_pretrained(EncoderForQA(EncoderConfig(**cfg)), w / "model", tokenizer=tok)
+    (w / "model" / "args.json").write_text(json.dumps({"max_seq_len": 128, "doc_stride": 32, "max_question_len": 64}))
+    save_pretrained(EncoderForQA(EncoderConfig(**{**cfg, "max_position_embeddings": 66})), w / "short", tokenizer=tok)
 
     def variant(name, edit):
         shutil.copytree(w / "model", w / name)
@@ -158,8 +160,8 @@ def world(tmp_path_factory):
     # checkpoints: one step of fine-tuning and of distillation, and damaged copies
     common = f"--train {w}/train.jsonl.gz --init-config {w}/cfg.json --tokenizer {w}/tok {WIN} --batch-size 8 " \
              "--epochs 2 --stop-after 1 --save-every 0 --quiet --device cpu"
-    train(build_parser(False).parse_args(shlex.split(f"{common} --out {w}/ft-run")))
-    train(build_parser(True).parse_args(shlex.split(f"{common} --teacher {w}/model --teacher-cache {w}/tcache "
+    train(cli.finetune_args(shlex.split(f"{common} --out {w}/ft-run")))
+    train(cli.distill_args(shlex.split(f"{common} --teacher {w}/model --teacher-cache {w}/tcache "
                                                     f"--out {w}/ds-run")))
     for name, file, damage in (("broken-state", "training_state.pt", lambda b: b[: len(b) // 2]),
                                ("broken-args", "args.json", lambda b: b[:40])):
@@ -255,7 +257,7 @@ CASES = [
     # evaluate.py: flag ranges
     *[Case(f"evaluate{f}={v}", "evaluate", f"{E} {f} {v}", (f"argument {f}",), flag_range=True) for f, v in (
         ("--batch-size", "0"), ("--n-best", "0"), ("--max-answer-len", "-3"), ("--limit", "0"), ("--threads", "0"),
-        ("--doc-stride", "-1"), ("--max-seq-len", "many"), ("--max-query-length", "0"), ("--dtype", "fp8"))],
+        ("--doc-stride", "-1"), ("--max-seq-len", "many"), ("--max-question-len", "0"), ("--dtype", "fp8"))],
     Case("evaluate-split-and-data", "evaluate", f"{E} --split test", ("--split or --data",), flag_range=True, sub=True),
     # evaluate.py: data files
     Case("evaluate-data-missing", "evaluate", f"{E} --data {{o}}/missing.jsonl", ("--data", "missing.jsonl", "no such file")),
@@ -288,7 +290,7 @@ CASES = [
     Case("evaluate-device-cuda", "evaluate", f"{E} --device cuda:99", ("--device cuda:99",)),
     Case("evaluate-int8-bf16", "evaluate", f"{E} --dtype bf16 --quantize int8", ("--quantize int8", "--dtype")),
     Case("evaluate-window-too-long", "evaluate", f"{E} --max-seq-len 512", ("128 positions", "--max-seq-len 128")),
-    Case("evaluate-window-no-room", "evaluate", f"{E} --max-seq-len 64 --max-query-length 60", ("--doc-stride",)),
+    Case("evaluate-window-no-room", "evaluate", f"{E} --max-seq-len 64 --max-question-len 60", ("--doc-stride",)),
     # evaluate.py: outputs (checked before the model is loaded)
     Case("evaluate-output-no-folder", "evaluate", f"{E} --output {{o}}/no/such/p.json", ("--output", "no such directory")),
     Case("evaluate-output-is-folder", "evaluate", f"{E} --output {{o}}", ("--output", "is a directory")),
@@ -307,7 +309,7 @@ CASES = [
       for f, v in (("--lr", "0"), ("--lr", "nan"), ("--lr", "5"), ("--epochs", "0"), ("--batch-size", "-1"),
                    ("--grad-accum", "0"), ("--warmup-proportion", "1.5"), ("--weight-decay", "-0.1"),
                    ("--max-grad-norm", "0"), ("--seed", "-1"), ("--limit", "0"), ("--save-every", "-1"),
-                   ("--keep-checkpoints", "-1"), ("--stop-after", "0"), ("--max-query-length", "0"),
+                   ("--keep-checkpoints", "-1"), ("--stop-after", "0"), ("--max-question-len", "0"),
                    ("--precision", "fp64"))],
     # train_finetune.py: files and models, all refused before any training work
     Case("finetune-train-missing", "finetune", f"{F} --train {{o}}/none.jsonl", ("--train", "none.jsonl", "no such file")),
@@ -319,7 +321,7 @@ CASES = [
     Case("finetune-eval-data-malformed", "finetune", f"{F} --eval-data {{w}}/bad/not-json.jsonl", ("not-json.jsonl:3:",)),
     Case("finetune-eval-data-missing", "finetune", f"{F} --eval-data {{o}}/none.jsonl", ("--eval-data", "no such file")),
     Case("finetune-window-too-long", "finetune", f"{F} --max-seq-len 256", ("128 positions", "--max-seq-len 128")),
-    Case("finetune-window-no-room", "finetune", f"{F} --max-seq-len 64 --max-query-length 60", ("--doc-stride",)),
+    Case("finetune-window-no-room", "finetune", f"{F} --max-seq-len 64 --max-question-len 60", ("--doc-stride",)),
     Case("finetune-init-config-missing", "finetune", f"{F} --init-config {{o}}/none.json", ("--init-config", "no such file")),
     Case("finetune-init-config-broken", "finetune", f"{F} --init-config {{w}}/bad/empty.jsonl", ("--init-config",)),
     Case("finetune-device-unknown", "finetune", f"{F} --device tpu9", ("--device 'tpu9'",)),

@@ -1,13 +1,14 @@
 """The CPU inference paths of tinyqa/infer.py: --quantize int8 (dynamic int8 Linears, with oneDNN's kernels where
 the CPU has AVX-512 VNNI or AMX), fp32's prepacked oneDNN Linears (pack_for_cpu, on AVX-512 CPUs) and the forward
-on real tokens only (forward_unpadded, run_model's CPU path)."""
+on real tokens only (EncoderForQA.forward_unpadded, run_model's CPU path)."""
 import copy
 
 import pytest
 import torch
 import torch.ao.quantization
 
-from tinyqa.infer import PackedLinear, forward_unpadded, fuse_qkv, pack_for_cpu, quantize_int8, unpadding_pays
+from tinyqa.cpu import PackedLinear, fuse_qkv, pack_for_cpu, quantize_int8, unpadding_pays
+
 from tinyqa.model import EncoderConfig, EncoderForQA
 
 
@@ -130,7 +131,7 @@ def test_packing_is_left_out_where_it_does_not_pay_or_apply(monkeypatch):
 
 @pytest.mark.parametrize("family", ["roberta", "bert", "electra"])
 def test_unpadded_forward_gives_the_padded_models_logits(family):
-    """forward_unpadded: the batch's real tokens laid end to end, attention per window (runs of equal lengths
+    """EncoderForQA.forward_unpadded: the batch's real tokens laid end to end, attention per window (runs of equal lengths
     in one call), and each window's logits those of the padded forward (oracle: the model's own forward, which
     the parity tests hold to transformers') within 1e-5. Attention leaking across windows, a window's tokens
     in the wrong place or a dropped layer step would each move them by far more. Also with q|k|v fused."""
@@ -152,7 +153,7 @@ def test_unpadded_forward_gives_the_padded_models_logits(family):
     for m in (model, fuse_qkv(copy.deepcopy(model))):
         with torch.inference_mode():
             padded = m(ids, mask, types)
-            starts, ends = forward_unpadded(m, ids, mask, types)
+            starts, ends = m.forward_unpadded(ids, mask, types)
         assert [len(s) for s in starts] == [len(e) for e in ends] == lengths
         for row, n in enumerate(lengths):
             for ours, ref in ((starts[row], padded.start_logits[row, :n]), (ends[row], padded.end_logits[row, :n])):

@@ -8,8 +8,8 @@ import pytest
 import torch
 from conftest import ROOT
 
-from tinyqa import RobertaConfig, RobertaForQA, load_tokenizer, save_pretrained
-from tinyqa.infer import QuestionAnswerer
+from tinyqa import EncoderConfig, EncoderForQA, load_tokenizer, save_pretrained
+from tinyqa.answerer import QuestionAnswerer
 from tinyqa.mrqa import read_mrqa
 
 SMALL = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128)
@@ -19,7 +19,7 @@ SMALL = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, interme
 def random_checkpoint(tmp_path_factory, generated):
     d = tmp_path_factory.mktemp("ckpt")
     torch.manual_seed(0)
-    save_pretrained(RobertaForQA(RobertaConfig(**SMALL)), d, tokenizer=load_tokenizer(str(generated["tokenizer"])))
+    save_pretrained(EncoderForQA(EncoderConfig(**SMALL)), d, tokenizer=load_tokenizer(str(generated["tokenizer"])))
     return d
 
 
@@ -67,9 +67,10 @@ def test_run_model_batches_equal_windows_run_alone():
     window alone (no padding), and no CPU batch passes CPU_MAX_TOKENS padded tokens."""
     import numpy as np
     from tinyqa.features import Feature
-    from tinyqa.infer import CPU_MAX_TOKENS, run_model
+    from tinyqa.cpu import CPU_MAX_TOKENS
+    from tinyqa.infer import run_model
     torch.manual_seed(0)
-    model = RobertaForQA(RobertaConfig(**SMALL, vocab_size=100)).eval()
+    model = EncoderForQA(EncoderConfig(**SMALL, vocab_size=100)).eval()
     rng = np.random.default_rng(0)
     lengths = [384, 12, 200, 384, 384, 384, 5, 384, 90, 300, 384, 17]
     feats = [Feature(rng.integers(3, 100, n).astype(np.int32), np.zeros((n, 2), np.int32), i)

@@ -12,8 +12,8 @@ import pytest
 import torch
 from conftest import ROOT
 
-from tinyqa import RobertaConfig, RobertaForQA, load_tokenizer, save_pretrained
-from tinyqa.mrqa import read_mrqa
+from tinyqa import EncoderConfig, EncoderForQA, load_tokenizer, save_pretrained
+from tinyqa.data import read_examples
 
 # evaluate.py, loaded by path: a plain `import evaluate` could find Hugging Face's `evaluate` package
 _spec = importlib.util.spec_from_file_location("tinyqa_evaluate_script", ROOT / "evaluate.py")
@@ -27,7 +27,7 @@ SMALL = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, interme
 def random_checkpoint(tmp_path_factory, best_tokenizer_dir):
     d = tmp_path_factory.mktemp("ckpt")
     torch.manual_seed(0)
-    save_pretrained(RobertaForQA(RobertaConfig(**SMALL)), d, tokenizer=load_tokenizer(str(best_tokenizer_dir)))
+    save_pretrained(EncoderForQA(EncoderConfig(**SMALL)), d, tokenizer=load_tokenizer(str(best_tokenizer_dir)))
     return d
 
 
@@ -77,7 +77,7 @@ def test_squad_v11_json_reads_as_the_same_examples_and_predictions(squad_path, r
     squad.write_text(json.dumps(to_squad(rows)))
     mrqa = tmp_path / "dev.jsonl"
     mrqa.write_text("\n".join(json.dumps(r) for r in rows))
-    a, b = list(read_mrqa(squad)), list(read_mrqa(mrqa))
+    a, b = list(read_examples(squad)), list(read_examples(mrqa))
     assert [(x.qid, x.question, x.context, x.span) for x in a] == [(x.qid, x.question, x.context, x.span) for x in b]
     for ex in a:
         assert ex.context[ex.span[0]:ex.span[1]] == ex.answers[0] and ex.dataset == "dev-v1.1"
@@ -129,7 +129,7 @@ def test_squad_v2_unanswerable_questions_follow_the_official_rules(squad_path, t
         gold = qa["detected_answers"][0]["text"]
         preds[qa["qid"]] = ["", gold, gold.split()[0], "nothing like it", r["context"][:15]][i % 5]
     (tmp_path / "preds.json").write_text(json.dumps(preds))
-    r = run_evaluate("--predictions", tmp_path / "preds.json", "--data", path, "--allow-null",
+    r = run_evaluate("--predictions", tmp_path / "preds.json", "--data", path, "--handle-impossible-answer",
                      "--metrics", tmp_path / "m.json", "--per-question", tmp_path / "q.jsonl")
     m = json.loads((tmp_path / "m.json").read_text())["datasets"]["dev-v2.0"]
     em, f1, n = squad2_official(doc, preds)
@@ -139,9 +139,9 @@ def test_squad_v2_unanswerable_questions_follow_the_official_rules(squad_path, t
     for x in lines:
         if x["qid"] in impossible:
             assert x["answers"] == [] and x["exact_match"] == x["f1"] == float(x["prediction"] == "")
-    # without --allow-null the unanswerable questions are left out, and said so
+    # without --handle-impossible-answer the unanswerable questions are left out, and said so
     r = run_evaluate("--predictions", tmp_path / "preds.json", "--data", path, "--metrics", tmp_path / "m2.json")
-    assert f"{len(impossible)} unanswerable question(s) left out" in r.stderr and "--allow-null" in r.stderr
+    assert f"{len(impossible)} unanswerable question(s) left out" in r.stderr and "--handle-impossible-answer" in r.stderr
     assert json.loads((tmp_path / "m2.json").read_text())["macro"]["total"] == len(qids) - len(impossible)
 
 
@@ -151,7 +151,7 @@ def test_nbest_and_per_question(squad_path, random_checkpoint, tmp_path):
                  "--max-seq-len", "128", "--doc-stride", "32",
                  "--output", out, "--nbest", nb, "--per-question", pq, "--metrics", met)
     preds, nbest = json.loads(out.read_text()), json.loads(nb.read_text())
-    exs = {ex.qid: ex for _, ex in zip(range(50), read_mrqa(squad_path))}
+    exs = {ex.qid: ex for _, ex in zip(range(50), read_examples(squad_path))}
     assert set(nbest) == set(preds) == set(exs)
     for qid, cands in nbest.items():
         assert 1 <= len(cands) <= 7 and cands[0]["text"] == preds[qid]
@@ -175,7 +175,7 @@ def test_nbest_and_per_question(squad_path, random_checkpoint, tmp_path):
 
 
 def test_card_row_only_for_a_known_model_on_a_whole_official_split(capsys):
-    from tinyqa.mrqa import SPLITS
+    from tinyqa.catalog import SPLITS
     for split, (em, f1) in (("dev", (69.38, 80.07)), ("test", (53.29, 64.16))):
         per = {name: {"exact_match": 50.0, "f1": 60.0, "total": n} for (s, name), (_, _, n) in SPLITS.items() if s == split}
         metrics = {"datasets": per, "macro": {"exact_match": 50.0, "f1": 60.0, "total": 1},
@@ -197,8 +197,8 @@ def test_card_row_only_for_a_known_model_on_a_whole_official_split(capsys):
 
 def test_squad_reader_names_bad_questions_and_reads_gzip(tmp_path):
     from tinyqa.errors import TinyQAError
-    from tinyqa.mrqa import ReadReport
-    from tinyqa.mrqa import stream_files
+    from tinyqa.examples import ReadReport
+    from tinyqa.data import stream_files
     ctx = "Ada Lovelace wrote the first program in 1843."
     doc = {"version": "1.1", "data": [{"title": "t", "paragraphs": [{"context": ctx, "qas": [
         {"id": "a", "question": "Who?", "answers": [{"text": "Ada Lovelace", "answer_start": 0}]},
@@ -209,9 +209,9 @@ def test_squad_reader_names_bad_questions_and_reads_gzip(tmp_path):
         json.dump(doc, f, indent=2)  # pretty-printed and gzipped: still recognised
     with pytest.raises(TinyQAError, match=r"data\[0\]\.paragraphs\[0\]\.qas\[1\]: \(id b\) answers\[0\] '1843' is "
                                           r"not at answer_start 3.*--skip-bad"):
-        list(read_mrqa(path))
+        list(read_examples(path))
     report = ReadReport()
-    got = list(read_mrqa(path, skip_bad=True, report=report))
+    got = list(read_examples(path, skip_bad=True, report=report))
     assert [(ex.qid, ex.span) for ex in got] == [("a", (0, 12)), ("c", (19, 36))] and len(report.skipped) == 1
     assert ctx[19:36] == "the first program"
     # the training scripts' reader (the feature store's stream) takes it too

@@ -16,6 +16,8 @@ import zipfile
 import numpy as np
 import pytest
 import torch
+import parity
+from parity import check_parity, randomize_norms_and_biases_
 from conftest import ROOT, assert_close
 from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 
@@ -24,9 +26,11 @@ from tinyqa import EncoderConfig, EncoderForQA, TinyQAError, load_model, load_to
 from tinyqa.decode import decode
 from tinyqa.features import FeaturizerConfig, collate, featurize, pair_layout, trim_offsets
 from tinyqa.model import flops_per_token, relative_position_buckets
-from tinyqa.mrqa import Example, read_mrqa
+from tinyqa.examples import Example
+from tinyqa.mrqa import read_mrqa
 from tinyqa.tokenizer import save_tokenizer
-from tinyqa.weights import ALIASES, CARD_FAMILY, _our_to_hf
+from tinyqa.catalog import ALIASES, CARD_FAMILY
+from tinyqa.weights import _our_to_hf
 
 transformers = pytest.importorskip("transformers")
 
@@ -109,34 +113,8 @@ def toks(tmp_path_factory, best_tokenizer_dir, best_pairs):
 
 
 def padded_batch(tok, pairs, lengths, pad_id):
-    """Question/context pairs (real SQuAD ones where ../shared is there) through the tokenizer's pair
-    template, cut to the given lengths (keeping the closing separator) and right-padded: ids, attention mask
-    and token types (B, L)."""
-    rows, step = [], max(1, min(997, len(pairs) // len(lengths)))  # pairs spread over the whole set
-    for (q, c), n in zip(pairs[::step], lengths):
-        e = tok.encode(q, c)
-        rows.append((e.ids[: n - 1] + e.ids[-1:], e.type_ids[: n - 1] + e.type_ids[-1:]))
-    L = max(len(r) for r, _ in rows)
-    ids = torch.full((len(rows), L), pad_id, dtype=torch.long)
-    mask, types = torch.zeros_like(ids), torch.zeros_like(ids)
-    for i, (r, t) in enumerate(rows):
-        ids[i, : len(r)], mask[i, : len(r)], types[i, : len(r)] = torch.tensor(r), 1, torch.tensor(t)
-    return ids, mask, types
-
-
-def check_parity(hf, ours, ids, mask, types, atol=1e-4):
-    """Start/end logits and every hidden state. DeBERTa lets padded query rows attend to nothing real
-    (their values are meaningless and differ), so for it only real positions are compared."""
-    with torch.no_grad():
-        a = hf(input_ids=ids, attention_mask=mask, token_type_ids=types, output_hidden_states=True)
-        b = ours(ids, mask, types, output_hidden_states=True)
-    keep = mask.bool() if ours.config.family == "deberta-v2" else torch.ones_like(mask, dtype=torch.bool)
-    worst = max(assert_close(b.start_logits[keep], a.start_logits[keep], atol, "start_logits"),
-                assert_close(b.end_logits[keep], a.end_logits[keep], atol, "end_logits"))
-    assert len(b.hidden_states) == len(a.hidden_states) == ours.config.num_hidden_layers + 1
-    for i, (x, y) in enumerate(zip(b.hidden_states, a.hidden_states)):
-        worst = max(worst, assert_close(x[keep], y[keep], atol, f"hidden state {i}"))
-    return worst
+    """Pairs spread over the whole set (real SQuAD ones where ../shared is there) as a padded batch."""
+    return parity.padded_batch(tok, parity.spread(pairs, len(lengths)), lengths, pad_id)
 
 
 def hf_config(d):
@@ -151,17 +129,6 @@ def tiny_config(family, tok, **kw):
     if family == "deberta-v2":
         d.update(DEBERTA_V3)
     return {**d, **kw}
-
-
-def randomize_norms_and_biases_(model, seed=0):
-    """Inits leave LayerNorms at (1, 0) and biases at 0; randomise them so that a wrong key mapping (two
-    LayerNorms swapped) cannot hide behind identical values."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("bias") or "LayerNorm" in name or ".ln" in name:
-                p.add_(torch.randn(p.shape, generator=g) * 0.1)
-    return model
 
 
 # --- the model against transformers
@@ -492,7 +459,7 @@ def test_unigram_windows_labels_and_exact_answers(toks):
         a = at - 1 if at > 0 and text[at - 1].isspace() else at
         b = at + len(answer) + (at + len(answer) < len(text) and text[at + len(answer)].isspace())
         examples.append(Example(str(k), f"What is answer {k}?", text, [answer], (a, b)))
-    fcfg = FeaturizerConfig(max_seq_len=40, doc_stride=16, max_query_length=64)
+    fcfg = FeaturizerConfig(max_seq_len=40, doc_stride=16, max_question_len=64)
     feats = featurize(examples, tok, fcfg)
     # windows: the tokenizers library's own pair truncation with overflow
     windowed = Tokenizer.from_str(tok.to_str())
@@ -579,7 +546,7 @@ def test_training_labels_without_offsets_equal_the_offset_search(kind, toks, bes
             a = int(rng.integers(0, len(text) - 1))
             b = min(len(text), a + int(rng.integers(1, 25)))
             examples.append(Example(f"{k}-{j}", "Where is it?", text, [text[a:b]], (a, b)))
-    fcfg = FeaturizerConfig(max_seq_len=48, doc_stride=16, max_query_length=16)
+    fcfg = FeaturizerConfig(max_seq_len=48, doc_stride=16, max_question_len=16)
     oracle = featurize(examples, tok, fcfg, with_labels=True, with_offsets=True)
     fast = featurize(examples, tok, fcfg, with_labels=True, with_offsets=False)
     assert [(f.example_index, f.start_label, f.end_label) for f in fast] == \
@@ -711,8 +678,9 @@ def family_config(synth, name, family, layers, hidden, dropout=0.0):
 
 
 def run_train(synth, out, tok, distill=False, *extra):
-    from tinyqa.train import DISTILL_CARD, FINETUNE_CARD, build_parser, train
-    args = build_parser(distill, DISTILL_CARD if distill else FINETUNE_CARD, "").parse_args(
+    from tinyqa import cli
+    from tinyqa.train import train
+    args = (cli.distill_args if distill else cli.finetune_args)(
         ["--train", synth["train"], "--tokenizer", synth[tok], "--max-seq-len", "128", "--doc-stride", "32",
          "--out", str(out), "--quiet", "--save-every", "0", "--batch-size", "16", "--lr", "2e-3",
          "--warmup-proportion", "0.1", *extra])

@@ -86,7 +86,7 @@ def test_same_windows_as_transformers_tokenizer(squad, tokenizer_dir):
     exs, tok, feats = squad
     hf = transformers.RobertaTokenizerFast.from_pretrained(str(tokenizer_dir))  # from vocab.json + merges.txt
     assert len({f.example_index for f in feats if len(f.input_ids) == 384}) > 10  # several windows per context
-    # tinyqa also cuts questions to max_query_length (64) tokens, which run_qa does not: compare on the rest.
+    # tinyqa also cuts questions to max_question_len (64) tokens, which run_qa does not: compare on the rest.
     keep = [i for i, ex in enumerate(exs) if len(tok.encode(ex.question.lstrip(), add_special_tokens=False).ids) <= 64]
     assert len(keep) > 0.99 * len(exs)
     enc = hf([exs[i].question.lstrip() for i in keep], [exs[i].context for i in keep], truncation="only_second",
@@ -96,11 +96,11 @@ def test_same_windows_as_transformers_tokenizer(squad, tokenizer_dir):
     assert ours == enc["input_ids"]
 
 
-def test_question_truncated_to_max_query_length(tokenizer_dir):
-    from tinyqa.mrqa import Example
+def test_question_truncated_to_max_question_len(tokenizer_dir):
+    from tinyqa.examples import Example
     tok = load_tokenizer(str(tokenizer_dir))
     q = "   " + " ".join(["why"] * 100) + "?"
-    (f,) = featurize([Example("x", q, "Because.", ["Because"], (0, 7))], tok, FeaturizerConfig(max_query_length=10))
+    (f,) = featurize([Example("x", q, "Because.", ["Because"], (0, 7))], tok, FeaturizerConfig(max_question_len=10))
     q_ids = tok.encode(q.lstrip(), add_special_tokens=False).ids[:10]  # leading spaces dropped, then cut to 10
     assert list(f.input_ids[:13]) == [0] + q_ids + [2, 2]
     assert f.start_label == 13 and f.offsets[f.start_label][0] == 0 and f.offsets[f.end_label][1] == 7
@@ -160,7 +160,7 @@ def test_window_labels_match_a_search_inside_each_window():
 
 def _spans_everywhere(contexts, seed=0):
     """Examples over the contexts with answer spans of every kind: random, the whole context, one space."""
-    from tinyqa.mrqa import Example
+    from tinyqa.examples import Example
     rng = np.random.default_rng(seed)
     out = []
     for i, c in enumerate(contexts):
@@ -206,7 +206,7 @@ def test_offsets_from_ids_only_for_byte_level_bpe_with_every_byte(tmp_path):
 
     from tinyqa.errors import TinyQAError
     from tinyqa.features import cut_windows, encode, pair_layout
-    from tinyqa.mrqa import Example
+    from tinyqa.examples import Example
     from tinyqa.tokenizer import build_from_vocab_txt, byte_level_vocab
     (tmp_path / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "the", "cat"]) + "\n")
     assert byte_level_vocab(build_from_vocab_txt(str(tmp_path / "vocab.txt"))) is None

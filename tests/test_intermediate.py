@@ -13,13 +13,13 @@ from conftest import ROOT, assert_close, synth_args
 
 from tinyqa import EncoderConfig, EncoderForQA, TinyQAError, load_model, load_tokenizer
 from tinyqa.features import FeaturizerConfig, collate, featurize
-from tinyqa.intermediate import (ProjectedStudent, check_layer_map, student_from_teacher_layers, teacher_targets,
-                                 uniform_layer_map)
+from tinyqa.intermediate import ProjectedStudent, check_layer_map, student_from_teacher_layers, teacher_targets, uniform_layer_map
 from tinyqa.losses import attention_mse, hidden_mse, intermediate_loss
 from tinyqa.mrqa import read_mrqa
 from tinyqa.synthetic import make_dataset, train_tokenizer, write_mrqa
 from tinyqa.tokenizer import save_tokenizer
-from tinyqa.train import build_parser, param_groups, train
+from tinyqa import cli
+from tinyqa.train import param_groups, train
 
 transformers = pytest.importorskip("transformers")
 
@@ -225,7 +225,7 @@ common = synth_args
 
 
 def intermediate(synth, teacher, out, *extra):
-    return build_parser(True).parse_args(common(synth, out, "--stage", "intermediate", "--teacher", str(teacher),
+    return cli.distill_args(common(synth, out, "--stage", "intermediate", "--teacher", str(teacher),
                                                 *extra))
 
 
@@ -284,9 +284,9 @@ def test_intermediate_stage_learns_the_teachers_layers_and_the_lineage(synth, te
     pred = ["--teacher", str(teacher), "--teacher-cache", str(synth["dir"] / "tcache"), "--batch-size", "32",
             "--lr", "2e-3", "--warmup-proportion", "0.1"]
     two = tmp_path / "two-stage"
-    train(build_parser(True).parse_args(common(synth, two, "--student", str(step1), *pred, "--epochs", "2")))
+    train(cli.distill_args(common(synth, two, "--student", str(step1), *pred, "--epochs", "2")))
     one = tmp_path / "prediction-only"
-    train(build_parser(True).parse_args(common(synth, one, "--init-config", synth["student_cfg"], *pred,
+    train(cli.distill_args(common(synth, one, "--init-config", synth["student_cfg"], *pred,
                                                "--epochs", "4")))
     f1 = {"teacher": dev_f1(teacher, synth), "untrained": dev_f1(step0 / "checkpoint-1", synth),
           "two-stage": dev_f1(two, synth), "prediction-only": dev_f1(one, synth)}
@@ -308,19 +308,17 @@ def test_student_layers_start_and_stage_flags(synth, teacher, tmp_path):
     args = json.loads((out / "checkpoint-1" / "args.json").read_text())
     assert "layers [2]" in args["init"]["weights"]
 
-    a = build_parser(True).parse_args(["--stage", "intermediate"])
-    from tinyqa.train import INTERMEDIATE_DEFAULTS, apply_stage
-    apply_stage(a)
+    a = cli.distill_args(["--stage", "intermediate"])
+    from tinyqa.cli import INTERMEDIATE_DEFAULTS
     assert (a.teacher, a.student, a.lr, a.batch_size, a.out) == (INTERMEDIATE_DEFAULTS["teacher"],
                                                                 INTERMEDIATE_DEFAULTS["student"], 5e-5, 32, "runs/step1")
-    a = build_parser(True).parse_args(["--stage", "intermediate", "--lr", "1e-4"])
-    apply_stage(a)
+    a = cli.distill_args(["--stage", "intermediate", "--lr", "1e-4"])
     assert a.lr == 1e-4  # what the command line names wins
     for flags, says in ((["--stage", "intermediate", "--temperature", "2"], "--temperature is read by --stage prediction"),
                         (["--layer-map", "1,2"], "--layer-map is read by --stage intermediate"),
                         (["--student-layers", "2", "--student", "x"], "drop --student")):
         with pytest.raises(TinyQAError, match=says):
-            apply_stage(build_parser(True).parse_args(flags))
+            cli.distill_args(flags)
 
 
 def test_resume_mid_stage_is_exact(synth, teacher, tmp_path):
@@ -335,7 +333,7 @@ def test_resume_mid_stage_is_exact(synth, teacher, tmp_path):
     # every trainable tensor has Adam state after 4 steps: the projection's two included, the frozen head's not
     n_trainable = sum(p.requires_grad for p in full.parameters()) + 2
     assert len(state["optimizer"]["state"]) == n_trainable
-    resumed = train(build_parser(True).parse_args(["--resume", str(broken / "checkpoint-4"), "--quiet"]))
+    resumed = train(cli.distill_args(["--resume", str(broken / "checkpoint-4"), "--quiet"]))
     for (k, a), b in zip(full.state_dict().items(), resumed.state_dict().values()):
         assert torch.equal(a, b), k
 

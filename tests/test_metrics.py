@@ -10,7 +10,8 @@ import pytest
 from conftest import ROOT
 
 from tinyqa.metrics import exact_match, f1, normalize_answer, score, score_datasets
-from tinyqa.mrqa import Example, read_mrqa
+from tinyqa.examples import Example
+from tinyqa.mrqa import read_mrqa
 
 
 def test_hand_computed_cases():

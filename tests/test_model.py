@@ -8,9 +8,11 @@ import os
 import pytest
 import torch
 from conftest import assert_close
+import parity
+from parity import check_parity, randomize_norms_and_biases_
 
 import tinyqa
-from tinyqa import RobertaConfig, load_model, load_tokenizer, save_pretrained
+from tinyqa import EncoderConfig, load_model, load_tokenizer, save_pretrained
 
 transformers = pytest.importorskip("transformers")
 
@@ -24,44 +26,15 @@ ROBERTA_LARGE = dict(TINYROBERTA, hidden_size=1024, num_hidden_layers=24, num_at
 
 def hf_model(config_dict, seed=0):
     torch.manual_seed(seed)
-    cfg = transformers.RobertaConfig(**config_dict)
-    model = transformers.RobertaForQuestionAnswering(cfg).eval()
-    # The init leaves LayerNorms at (1, 0) and biases at 0; randomise them so that a wrong key mapping
-    # (e.g. two LayerNorms swapped) cannot hide behind identical values.
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("bias") or "LayerNorm" in name:
-                p.add_(torch.randn_like(p) * 0.1)
-    return model
+    return randomize_norms_and_biases_(transformers.RobertaForQuestionAnswering(transformers.RobertaConfig(**config_dict)).eval(),
+                                       seed)
 
 
 def padded_batch(tokenizer_dir, text_pairs, lengths):
     """The longest question/context pairs, truncated to the given lengths and right-padded with <pad>."""
-    tok = load_tokenizer(str(tokenizer_dir))
-    rows = []
-    longest = sorted(text_pairs, key=lambda p: (-len(p[1]), p[0]))
-    for (q, c), n in zip(longest[::7], lengths):
-        ids = tok.encode(q, c).ids
-        rows.append(ids[: n - 1] + [2])  # keep the closing </s>
-    L = max(len(r) for r in rows)
-    ids = torch.full((len(rows), L), 1, dtype=torch.long)
-    mask = torch.zeros((len(rows), L), dtype=torch.long)
-    for i, r in enumerate(rows):
-        ids[i, : len(r)] = torch.tensor(r)
-        mask[i, : len(r)] = 1
+    longest = sorted(text_pairs, key=lambda p: (-len(p[1]), p[0]))[::7]
+    ids, mask, _ = parity.padded_batch(load_tokenizer(str(tokenizer_dir)), longest, lengths, pad_id=1)
     return ids, mask
-
-
-def check_parity(hf, ours, ids, mask, atol=1e-4):
-    with torch.no_grad():
-        a = hf(input_ids=ids, attention_mask=mask, output_hidden_states=True)
-        b = ours(ids, mask, output_hidden_states=True)
-    assert b.start_logits.dtype == torch.float32
-    assert_close(b.start_logits, a.start_logits, atol, "start_logits")
-    assert_close(b.end_logits, a.end_logits, atol, "end_logits")
-    assert len(b.hidden_states) == len(a.hidden_states) == ours.config.num_hidden_layers + 1
-    for i, (x, y) in enumerate(zip(b.hidden_states, a.hidden_states)):
-        assert_close(x, y, atol, f"hidden state {i}")
 
 
 def test_parity_small_config(tmp_path, tokenizer_dir, text_pairs):
@@ -92,7 +65,7 @@ def test_parity_roberta_large_config(tmp_path, generated):
 
 def test_round_trip_through_transformers(tmp_path, tokenizer_dir, text_pairs):
     torch.manual_seed(1)
-    ours = tinyqa.RobertaForQA(RobertaConfig(**SMALL)).eval()
+    ours = tinyqa.EncoderForQA(EncoderConfig(**SMALL)).eval()
     save_pretrained(ours, tmp_path, tokenizer=load_tokenizer(str(tokenizer_dir)))
     hf, info = transformers.AutoModelForQuestionAnswering.from_pretrained(tmp_path, output_loading_info=True)
     assert type(hf).__name__ == "RobertaForQuestionAnswering"
@@ -173,7 +146,7 @@ def test_unknown_alias_and_bad_config(tmp_path):
     with pytest.raises(tinyqa.TinyQAError, match="hidden_act='relu' is not supported"):
         load_model(str(tmp_path))
     with pytest.raises(ValueError, match="position_embedding_type"):
-        RobertaConfig(position_embedding_type="relative_key")
+        EncoderConfig(position_embedding_type="relative_key")
 
 
 def test_hub_id_offline_says_what_to_do(tmp_path):
@@ -242,10 +215,10 @@ def test_flops_per_token_matches_torch_flop_counter():
     SDPA's math backend, whose matmuls the counter sees), for windows of two lengths."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.utils.flop_counter import FlopCounterMode
-    from tinyqa.model import RobertaForQA, flops_per_token
-    cfg = RobertaConfig(vocab_size=100, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+    from tinyqa.model import EncoderForQA, flops_per_token
+    cfg = EncoderConfig(vocab_size=100, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
                         intermediate_size=128)
-    model = RobertaForQA(cfg).eval()
+    model = EncoderForQA(cfg).eval()
     for L in (7, 37):
         ids = torch.randint(3, 100, (2, L))
         with torch.inference_mode(), sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:

@@ -6,7 +6,9 @@ import json
 import pytest
 
 from tinyqa import TinyQAError
-from tinyqa.mrqa import SPLITS, ReadReport, dataset_name, download, read_mrqa, split_files
+from tinyqa.catalog import SPLITS, download, split_files
+from tinyqa.examples import ReadReport
+from tinyqa.mrqa import dataset_name, read_mrqa
 
 CTX = "Paris is the capital of France."
 
@@ -84,7 +86,7 @@ def test_split_files_uses_verified_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("TINYQA_CACHE", str(tmp_path))
     src = write_jsonl(tmp_path / "src.jsonl.gz", [row()])
     md5 = hashlib.md5(src.read_bytes()).hexdigest()
-    monkeypatch.setattr("tinyqa.mrqa.SPLITS", {("dev", "Toy"): ("http://127.0.0.1:9/Toy.jsonl.gz", md5, 1)})
+    monkeypatch.setattr("tinyqa.catalog.SPLITS", {("dev", "Toy"): ("http://127.0.0.1:9/Toy.jsonl.gz", md5, 1)})
     with pytest.raises(TinyQAError, match="127.0.0.1:9.*--data FILE"):
         split_files("dev", progress=False)  # nothing cached yet, and the URL is unreachable
     with pytest.raises(TinyQAError, match="--train FILE"):  # the advice names the caller's own flag

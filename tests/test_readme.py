@@ -2,7 +2,7 @@
 
 Every ```python block of README.md is executed, in order, in one namespace, from a working folder that
 holds a random checkpoint named `tinyroberta-mrqa`: a local directory wins over the alias of the same name
-(weights.resolve_dir looks for a directory first), so the examples run offline, unchanged. Only their
+(catalog.resolve_dir looks for a directory first), so the examples run offline, unchanged. Only their
 running is checked, not their answers (the weights are random); what the answers are is tested elsewhere.
 """
 import os

@@ -20,7 +20,8 @@ from tinyqa.features import FeaturizerConfig, collate, cut_windows, featurize, p
 from tinyqa.mrqa import read_mrqa
 from tinyqa.synthetic import make_dataset, train_tokenizer, write_mrqa
 from tinyqa.tokenizer import save_tokenizer
-from tinyqa.train import build_parser, train
+from tinyqa import cli
+from tinyqa.train import train
 
 
 @pytest.fixture(scope="module")
@@ -220,14 +221,14 @@ def test_training_reads_the_store_and_a_resume_reuses_it(synth, tmp_path):
     store = tmp_path / "store"
     args = synth_args(synth, out, "--init-config", synth["student_cfg"], "--epochs", "2", "--batch-size", "32",
                       "--lr", "1e-3", "--limit", "40", "--feature-store", str(store))
-    full = train(build_parser(False).parse_args(args))
+    full = train(cli.finetune_args(args))
     (folder,) = [p for p in store.iterdir() if p.is_dir()]
     info = json.loads((folder / "key.json").read_text())
     assert info["examples"] == 40 and info["windows"] >= 40
     stamp = (folder / "ids.bin").stat().st_mtime_ns
-    train(build_parser(False).parse_args([*args[:args.index("--out") + 1], str(tmp_path / "broken"),
+    train(cli.finetune_args([*args[:args.index("--out") + 1], str(tmp_path / "broken"),
                                           *args[args.index("--out") + 2:], "--stop-after", "2"]))
-    resumed = train(build_parser(False).parse_args(["--resume", str(tmp_path / "broken" / "checkpoint-2"), "--quiet"]))
+    resumed = train(cli.finetune_args(["--resume", str(tmp_path / "broken" / "checkpoint-2"), "--quiet"]))
     assert (folder / "ids.bin").stat().st_mtime_ns == stamp and len([p for p in store.iterdir() if p.is_dir()]) == 1
     for (k, x), y in zip(full.state_dict().items(), resumed.state_dict().values()):
         assert torch.equal(x, y), k
@@ -238,11 +239,11 @@ def test_training_reads_the_store_and_a_resume_reuses_it(synth, tmp_path):
 def test_evaluate_streams_chunks_with_the_same_predictions(mrqa_path, best_tokenizer_dir, tmp_path, monkeypatch):
     """evaluate.py featurizes, runs and decodes 97 questions at a time: predictions.json equals
     what one pass over the whole file gives (infer.predict), on SQuAD dev where ../shared is there."""
-    from tinyqa import RobertaConfig, RobertaForQA, save_pretrained
+    from tinyqa import EncoderConfig, EncoderForQA, save_pretrained
     from tinyqa.infer import predict
     tok = load_tokenizer(str(best_tokenizer_dir))
     torch.manual_seed(0)
-    model = RobertaForQA(RobertaConfig(vocab_size=tok.get_vocab_size(), hidden_size=64, num_hidden_layers=2,
+    model = EncoderForQA(EncoderConfig(vocab_size=tok.get_vocab_size(), hidden_size=64, num_hidden_layers=2,
                                        num_attention_heads=4, intermediate_size=128)).eval()
     save_pretrained(model, tmp_path / "ckpt", tokenizer=tok)
     spec = importlib.util.spec_from_file_location("evaluate_script", ROOT / "evaluate.py")

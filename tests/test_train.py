@@ -20,11 +20,9 @@ from tinyqa.metrics import score
 from tinyqa.mrqa import read_mrqa
 from tinyqa.synthetic import make_dataset, train_tokenizer, write_mrqa
 from tinyqa.tokenizer import save_tokenizer
-from tinyqa.train import build_parser, get_lr_lambda, train
+from tinyqa import cli
+from tinyqa.train import get_lr_lambda, train
 
-DISTILL = dict(teacher="t", student="s", batch_size=96, epochs=4, lr=3e-5, warmup_proportion=0.2,
-               distillation_loss_weight=0.75, temperature=1.5, out="runs/distill")
-FINETUNE = dict(model="m", batch_size=16, epochs=3, lr=1e-5, warmup_proportion=0.2, out="runs/finetune")
 
 
 # --- the loss, against explicit softmax / log written out in the test
@@ -113,11 +111,11 @@ common = synth_args
 
 
 def finetune_args(synth, out, *extra):
-    return build_parser(False, FINETUNE, "").parse_args(common(synth, out, *extra))
+    return cli.finetune_args(common(synth, out, *extra))
 
 
 def distill_args(synth, out, teacher, *extra):
-    return build_parser(True, DISTILL, "").parse_args(
+    return cli.distill_args(
         common(synth, out, "--teacher", str(teacher), "--teacher-cache", str(synth["dir"] / "tcache"), *extra))
 
 
@@ -161,7 +159,7 @@ def test_resume_gives_the_same_weights(synth, tmp_path):
     state = torch.load(broken / "checkpoint-4" / "training_state.pt", weights_only=True)  # plain data, no code
     assert state["step"] == 4
     # resumed without --out: it continues in the checkpoint's own run folder
-    resumed = train(build_parser(False, FINETUNE, "").parse_args(["--resume", str(broken / "checkpoint-4"), "--quiet"]))
+    resumed = train(cli.finetune_args(["--resume", str(broken / "checkpoint-4"), "--quiet"]))
     for (k, a), b in zip(full.state_dict().items(), resumed.state_dict().values()):
         assert torch.equal(a, b), k
     steps = [json.loads(line)["step"] for line in (broken / "log.jsonl").read_text().splitlines()]

@@ -17,51 +17,18 @@ import ipaddress
 import json
 import sys
 
+from .cli import (DTYPES, HelpFormatter, add_decoder_args, add_featurizer_args, add_inference_model_args, nonneg_int,
+                  positive_int)
 from .errors import TinyQAError, cli_errors
-from .server import strict_json
-
-
-def positive_int(s):
-    try:
-        v = int(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{s!r} is not a whole number")
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"{v} is not >= 1")
-    return v
-
-
-def nonnegative_int(s):
-    try:
-        v = int(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{s!r} is not a whole number")
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"{v} is not >= 0")
-    return v
+from .files import strict_json
 
 
 def add_model_args(p):
-    g = p.add_argument_group("model")
-    g.add_argument("--model", default="tinyroberta-mrqa", help="alias, hub id or local checkpoint directory")
-    g.add_argument("--device", default="cpu", help="torch device (cpu, cuda, cuda:1, mps)")
-    g.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32", help="weights/compute dtype")
-    g.add_argument("--quantize", choices=["int8"], default=None,
-                   help="CPU only: dynamic int8 quantisation of the Linear layers (faster, slightly less accurate)")
-    g.add_argument("--batch-size", type=positive_int, default=64, help="windows per forward pass (length-sorted)")
-    g = p.add_argument_group("featurizer (default: the checkpoint's args.json if tinyqa trained it, else the "
-                             "model card's)")
-    g.add_argument("--max-seq-len", type=positive_int, default=None,
-                   help="tokens per window, special tokens included (card: 384)")
-    g.add_argument("--doc-stride", type=nonnegative_int, default=None,
-                   help="overlap in tokens between consecutive windows of a long context (card: 128)")
-    g.add_argument("--max-query-length", "--max-question-len", dest="max_query_length", type=positive_int,
-                   default=None, help="question tokens kept, the rest is cut (card: 64)")
+    """The model, the windows (default: the checkpoint's own) and the decoder: answer and serve."""
+    add_inference_model_args(p)
+    add_featurizer_args(p, card_defaults=False)
     g = p.add_argument_group("decoder")
-    g.add_argument("--max-answer-len", type=positive_int, default=30,
-                   help="longest answer in tokens (run_qa's default; the 4.x pipeline's was 15)")
-    g.add_argument("--handle-impossible-answer", "--allow-null", dest="allow_null", action="store_true",
-                   help="rank the null answer (empty text) among the others: SQuAD 2.0-style models")
+    add_decoder_args(g)
     g.add_argument("--no-align-to-words", dest="align_to_words", action="store_false",
                    help="keep answers at token boundaries instead of widening them to whole words")
 
@@ -76,7 +43,6 @@ pipeline's probability), start and end (character offsets into the context) and 
 
 
 def build_parser():
-    from .train import HelpFormatter
     p = argparse.ArgumentParser(prog="python -m tinyqa", description=__doc__, formatter_class=HelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
     a = sub.add_parser("answer", help="answer questions about a context (one, a file of them, or JSONL on stdin)",
@@ -99,7 +65,7 @@ def build_parser():
                                    "highlighted). Loopback only unless --host says otherwise; no authentication.",
                        formatter_class=HelpFormatter)
     s.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
-    s.add_argument("--port", type=nonnegative_int, default=8000, help="port (0: any free port, printed)")
+    s.add_argument("--port", type=nonneg_int, default=8000, help="port (0: any free port, printed)")
     s.add_argument("--max-body-bytes", type=positive_int, default=1_000_000,
                    help="larger requests are refused with 413")
     add_model_args(s)
@@ -198,19 +164,17 @@ def answer_command(args):
 
 
 def load_answerer(args):
-    import torch
-
+    from .answerer import QuestionAnswerer
     from .decode import DecodeConfig
-    from .infer import QuestionAnswerer, featurizer_config_of
+    from .infer import featurizer_config_of
     if args.quantize == "int8" and (args.dtype != "fp32" or not args.device.startswith("cpu")):
         raise TinyQAError("--quantize int8 runs on the CPU in fp32: drop --dtype/--device, or --quantize")
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
     fcfg = featurizer_config_of(args.model, max_seq_len=args.max_seq_len, doc_stride=args.doc_stride,
-                                max_query_length=args.max_query_length)
-    dcfg = DecodeConfig(max_answer_len=args.max_answer_len, allow_null=args.allow_null,
+                                max_question_len=args.max_question_len)
+    dcfg = DecodeConfig(max_answer_len=args.max_answer_len, handle_impossible_answer=args.handle_impossible_answer,
                         align_to_words=args.align_to_words)
-    return QuestionAnswerer.from_pretrained(args.model, device=args.device, dtype=dtype, quantize=args.quantize,
-                                            fcfg=fcfg, dcfg=dcfg, batch_size=args.batch_size)
+    return QuestionAnswerer.from_pretrained(args.model, device=args.device, dtype=DTYPES[args.dtype],
+                                            quantize=args.quantize, fcfg=fcfg, dcfg=dcfg, batch_size=args.batch_size)
 
 
 def read_context(value):

@@ -1,40 +1,14 @@
-"""Checks made at the entry, before any work: argparse range types, output paths, devices, window lengths.
+"""Checks made at the entry, before any work: output paths, input files, devices, window lengths.
 
 Every command line and API call goes through these once, at its start, so that bad input costs a
 second and one line (`error: --batch-size: must be a positive integer, got 0`), not an hour of work
 followed by a traceback or, worse, a silently wrong result.
 """
-import argparse
-import math
 import os
 
 import torch
 
 from .errors import TinyQAError
-
-
-# --- argparse types: the parser refuses out-of-range values with its usual one-line `error:`
-
-def _number(kind, test, what):
-    def parse(text):
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"must be {what}, got {text!r}")
-        if not (isinstance(value, int) or math.isfinite(value)) or not test(value):
-            raise argparse.ArgumentTypeError(f"must be {what}, got {text}")
-        return value
-    parse.__name__ = what  # argparse names the type in some messages
-    return parse
-
-
-positive_int = _number(int, lambda v: v > 0, "a positive integer")
-nonneg_int = _number(int, lambda v: v >= 0, "an integer >= 0")
-seed_int = _number(int, lambda v: 0 <= v < 2 ** 32, "an integer in [0, 2^32)")  # numpy's seed range
-positive_float = _number(float, lambda v: v > 0, "a positive finite number")
-nonneg_float = _number(float, lambda v: v >= 0, "a finite number >= 0")
-unit_float = _number(float, lambda v: 0 <= v <= 1, "a number in [0, 1]")
-learning_rate = _number(float, lambda v: 0 < v <= 1, "a learning rate in (0, 1]")  # AdamW's steps are about lr
 
 
 # --- output paths: checked before the work, written atomically after it (files.atomic_write)
@@ -126,13 +100,13 @@ def check_device(device, dtype=None, quantize=None, flag="--device"):
 
 # --- the model's limits
 
-def check_featurizer(max_seq_len, doc_stride, max_query_length, n_special=3):
+def check_featurizer(max_seq_len, doc_stride, max_question_len, n_special=3):
     """Windows must always have room for context beyond the overlap: with the question at its longest
-    (max_query_length), RoBERTa's <s> q </s></s> ctx </s> leaves max_seq_len - max_query_length - 4 context
+    (max_question_len), RoBERTa's <s> q </s></s> ctx </s> leaves max_seq_len - max_question_len - 4 context
     tokens, BERT's [CLS] q [SEP] ctx [SEP] one more. Before the tokenizer is loaded, n_special = 3 (the
     fewest of any family) refuses only what no tokenizer could take; with it, the exact count."""
-    budget = max_seq_len - max_query_length - n_special
+    budget = max_seq_len - max_question_len - n_special
     if budget <= doc_stride:
         raise TinyQAError(f"--max-seq-len {max_seq_len} leaves {budget} context tokens after a "
-                          f"--max-query-length {max_query_length} question, not more than --doc-stride "
-                          f"{doc_stride}: lower --doc-stride or --max-query-length, or raise --max-seq-len")
+                          f"--max-question-len {max_question_len} question, not more than --doc-stride "
+                          f"{doc_stride}: lower --doc-stride or --max-question-len, or raise --max-seq-len")

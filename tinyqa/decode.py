@@ -11,7 +11,7 @@
    Because windows overlap, an answer near a border is seen whole in one window and cut in the other;
    the cut one cannot reproduce its full span (its end token is missing), so the whole one wins when the
    model scores it higher, and a span can never cross a window's border.
-   MRQA always has an answer; `allow_null` adds SQuAD 2.0's null answer, scored as the smallest
+   MRQA always has an answer; `handle_impossible_answer` adds SQuAD 2.0's null answer, scored as the smallest
    start[0] + end[0] (the <s> token) over the windows and chosen when it beats the best span.
 
 2. `answer_example` (the answer API, `QuestionAnswerer`): transformers' question-answering pipeline
@@ -35,11 +35,9 @@
 
 The two decoders agree on one window (a softmax keeps the order of logit sums) up to (d)'s merging, (c)'s
 word alignment and (1b)'s top-20 cut, but not across windows: each window is normalised on its own, and a
-span seen by two windows adds up. Measured (evaluate.py's top answer vs the API's, max_answer_len 30): a
-demo teacher (2x128, synthetic dev, 64-token windows) agrees on 486 of 486 single-window questions and
-38 of 92 multi-window ones; random weights on 1,000 SQuAD dev questions (384/128) agree on 99.7% of the
-single-window ones without word alignment, 85% with it (random spans often end inside a word), and on 13
-of 28 multi-window ones (without alignment). So evaluate.py keeps run_qa's decoder: its MRQA scores stay comparable.
+span seen by two windows adds up. So the two pick the same answer on nearly every single-window question
+and often a different one across windows (docs/design.md counts both), and evaluate.py keeps run_qa's
+decoder: its MRQA scores stay comparable with everyone else's.
 
 Worked example of (a)-(b): a window <s> q </s></s> c0 c1 </s> with start logits (2, ., ., ., 1, 3, .) over
 <s>, c0, c1 gives p_start = softmax(2, 1, 3) = (.245, .090, .665); the span c1..c1 scores .665 * p_end(c1).
@@ -52,10 +50,10 @@ import numpy as np
 @dataclass
 class DecodeConfig:
     """How logits become answers. n_best is the run_qa decoder's (evaluate.py); top_k and align_to_words
-    are the answer API's; max_answer_len and allow_null (the API's handle_impossible_answer) are both's."""
+    are the answer API's; max_answer_len and handle_impossible_answer (the API's handle_impossible_answer) are both's."""
     n_best: int = 20  # start and end candidates per window (run_qa's n_best_size)
     max_answer_len: int = 30  # tokens (run_qa's default; the 4.x pipeline's was 15)
-    allow_null: bool = False  # SQuAD 2.0-style models only: MRQA questions always have an answer
+    handle_impossible_answer: bool = False  # SQuAD 2.0-style models only: MRQA questions always have an answer
     top_k: int = 1  # answers per question
     align_to_words: bool = True  # widen answers to whole words, as the pipeline does
 
@@ -87,7 +85,7 @@ def best_span_in_window(start_logits, end_logits, offsets, n_best=20, max_answer
     return float(scores[0]), int(starts[0]), int(ends[0])
 
 
-def decode(examples, features, start_logits, end_logits, n_best=20, max_answer_len=30, allow_null=False) -> dict:
+def decode(examples, features, start_logits, end_logits, n_best=20, max_answer_len=30, handle_impossible_answer=False) -> dict:
     """{qid: Prediction} for every example. start_logits[i] / end_logits[i] are the (unpadded) logits of
     features[i]; an example whose windows have no valid span gets the empty answer with score -inf."""
     best = {}  # example index -> (score, feature index, token start, token end)
@@ -105,7 +103,7 @@ def decode(examples, features, start_logits, end_logits, n_best=20, max_answer_l
             out[ex.qid] = Prediction("", float("-inf"), -1, -1)
             continue
         score, fi, ts, te = best[i]
-        if allow_null and null[i] > score:
+        if handle_impossible_answer and null[i] > score:
             out[ex.qid] = Prediction("", null[i], -1, -1)
             continue
         a, b = int(features[fi].offsets[ts, 0]), int(features[fi].offsets[te, 1])
@@ -133,11 +131,11 @@ def window_candidates(start_logits, end_logits, offsets, n_best=20, max_answer_l
 
 
 def decode_nbest(examples, features, start_logits, end_logits, n_best=20, max_answer_len=30,
-                 allow_null=False) -> dict:
+                 handle_impossible_answer=False) -> dict:
     """{qid: [candidate]}: run_qa's nbest_predictions.json. Each candidate is a dict with text, start, end
     (char offsets, end exclusive), probability (softmax of the logit sums over this example's list),
     start_logit and end_logit; best first. As in run_qa, the list holds the n_best best candidates over
-    all windows, plus the null answer (text "", offsets 0, 0) with allow_null even when it ranks lower.
+    all windows, plus the null answer (text "", offsets 0, 0) with handle_impossible_answer even when it ranks lower.
     Unlike run_qa, a char span found in two overlapping windows is listed once, with its best score;
     its first entry is always `decode`'s pick. An example with no valid span gets an empty list."""
     cands = {i: {} for i in range(len(examples))}  # example index -> {(a, b): (score, start_logit, end_logit)}
@@ -155,11 +153,11 @@ def decode_nbest(examples, features, start_logits, end_logits, n_best=20, max_an
     for i, ex in enumerate(examples):
         ranked = sorted(cands[i].items(), key=lambda kv: -kv[1][0])
         items = [(ex.context[a:b], a, b, *v) for (a, b), v in ranked]
-        if allow_null and i in null:
+        if handle_impossible_answer and i in null:
             items.append(("", 0, 0, *null[i]))
             items.sort(key=lambda x: -x[3])  # stable: the null answer goes after spans of equal score
         top = items[:n_best]
-        if allow_null and i in null and not any(x[0] == "" and x[1] == x[2] == 0 for x in top):
+        if handle_impossible_answer and i in null and not any(x[0] == "" and x[1] == x[2] == 0 for x in top):
             top.append(("", 0, 0, *null[i]))  # run_qa adds the null answer back when it ranks lower
         scores = np.array([x[3] for x in top])
         probs = np.exp(scores - scores.max()) / np.exp(scores - scores.max()).sum() if len(top) else scores

@@ -12,17 +12,12 @@
    distillation beat CE-only training on every seed, lost on every seed, or neither.
 
 Why the students learn from a quarter of the data: with all of it, a 2 x 64 student trained on the labels
-alone reaches the teacher (measured on this machine: teacher F1 93.2, CE-only student 94.2, distilled
-89.9). This data has one unambiguous answer span per question, so the teacher's soft targets carry little
-the labels do not, and a teacher no better than the student's own ceiling can only pull it down. A student
-that cannot reach the teacher alone is where distillation has something to give.
-
-Measured with the defaults (2-core AMD EPYC, torch 2.13, 2026-12-01; 345 s in all): teacher F1 91.62;
-over 3 seeds the distilled student 87.03 (80.15 .. 91.17), the CE-only student 82.54 (67.41 .. 92.72):
-distillation won by 2.3 and 23.8 F1 on two seeds and lost by 12.6 on the third. What decides a small
-student here is mostly whether its run finds the name-matching the questions need, which varies by seed
-more than the two losses differ; the mean favours distillation, the spread says three seeds cannot
-settle it. (With 3 student epochs instead of 10 the students had not converged: F1 30-51, spread wider.)
+alone reaches the teacher. This data has one unambiguous answer span per question, so the teacher's soft
+targets carry little the labels do not, and a teacher no better than the student's own ceiling can only
+pull it down. A student that cannot reach the teacher alone is where distillation has something to give.
+Three seeds may not settle it: what decides a small student here is mostly whether its run finds the
+name-matching the questions need, which varies by seed more than the two losses differ, so the demo prints
+the spread beside the mean and names no winner unless every seed agrees (docs/benchmarks.md has runs).
 The data: 3,000 contexts of 2-3 people with 1-2 facts each, 5% with 6-8 people needing several windows;
 every person's facts are distractors for the questions about the others, and in 10% of short contexts
 (and all long ones) several people share a kind of fact, so only the name tells the answer apart.
@@ -36,15 +31,17 @@ import time
 
 import torch
 
-from .checks import learning_rate, nonneg_int, positive_int, seed_int
+from .answerer import QuestionAnswerer
+from .cli import HelpFormatter, distill_args, finetune_args, learning_rate, nonneg_int, positive_int, seed_int
+from .cpu import pack_for_cpu
 from .features import FeaturizerConfig
-from .infer import QuestionAnswerer, pack_for_cpu, predict
+from .infer import predict
 from .metrics import score_datasets
-from .model import RobertaConfig, RobertaForQA
+from .model import EncoderConfig, EncoderForQA
 from .mrqa import read_mrqa
 from .synthetic import make_dataset, train_tokenizer, write_mrqa
 from .tokenizer import save_tokenizer
-from .train import HelpFormatter, build_parser, train
+from .train import train
 from .weights import save_pretrained
 
 
@@ -89,69 +86,79 @@ def model_config(size, vocab_size, max_seq_len):
 
 def main(argv=None):
     args = get_args(argv)
-    out = args.out
-    os.makedirs(out, exist_ok=True)
+    os.makedirs(args.out, exist_ok=True)
     t_start = time.perf_counter()
+    files, tok = make_data(args)
+    common = ["--tokenizer", os.path.join(args.out, "tokenizer"), "--max-seq-len", str(args.max_seq_len),
+              "--doc-stride", str(args.doc_stride), "--batch-size", str(args.batch_size), "--lr", str(args.lr),
+              "--warmup-proportion", "0.1", "--save-every", "0", "--device", "cpu",
+              "--feature-store", os.path.join(args.out, "features"),
+              "--overwrite",  # the demo owns its subfolders: a second demo run replaces the first
+              *(["--quiet"] if args.quiet else [])]
+    dirs, timings = train_all(args, files, tok, common)
+    results = evaluate_all(dirs, timings, files["dev"], args.seeds)
+    results["total_seconds"] = time.perf_counter() - t_start
+    with open(os.path.join(args.out, "results.json"), "w") as f:
+        json.dump(results, f, indent=2)
+    print_results(args, dirs, results, files["dev"])
+    return results
 
-    # --- data: distractor people in every context, several phrasings per question, a few long contexts.
-    # The teacher learns from every training context; the students from the first --student-contexts only.
+
+def make_data(args):
+    """The synthetic data: distractor people in every context, several phrasings per question, a few long
+    contexts. The teacher learns from every training context; the students from the first --student-contexts
+    only. Also the tokenizer trained on it, and the two model configs. Returns ({train, students, dev}, tok)."""
+    out = args.out
     shape = dict(people=(2, 3), facts=(1, 2), long_fraction=0.05, long_people=(6, 8), filler=0.1, shared_facts=0.1)
     train_rows = make_dataset(args.train_contexts, args.seed, split="train", **shape)
     dev_rows = make_dataset(args.dev_contexts, args.seed + 1, split="dev", **shape)
     n_students = min(args.student_contexts, len(train_rows))
-    train_file = write_mrqa(os.path.join(out, "train.jsonl.gz"), train_rows, "Synthetic", "train")
-    student_file = write_mrqa(os.path.join(out, "train-students.jsonl.gz"), train_rows[:n_students], "Synthetic", "train")
-    dev_file = write_mrqa(os.path.join(out, "dev.jsonl.gz"), dev_rows, "Synthetic", "dev")
-    count = lambda rows: sum(len(r["qas"]) for r in rows)
+    files = {"train": write_mrqa(os.path.join(out, "train.jsonl.gz"), train_rows, "Synthetic", "train"),
+             "students": write_mrqa(os.path.join(out, "train-students.jsonl.gz"), train_rows[:n_students],
+                                    "Synthetic", "train"),
+             "dev": write_mrqa(os.path.join(out, "dev.jsonl.gz"), dev_rows, "Synthetic", "dev")}
+    count = lambda rows: sum(len(r["qas"]) for r in rows)  # noqa: E731
     print(f"data: {count(train_rows)} train questions (the students' share: {count(train_rows[:n_students])}) and "
           f"{count(dev_rows)} dev questions in {out}/")
-
-    # --- tokenizer
     tok = train_tokenizer([r["context"] for r in train_rows] + [q["question"] for r in train_rows for q in r["qas"]])
-    tok_dir = os.path.join(out, "tokenizer")
-    save_tokenizer(tok, tok_dir)
+    save_tokenizer(tok, os.path.join(out, "tokenizer"))
     for name, size in (("teacher", args.teacher_size), ("student", args.student_size)):
         with open(os.path.join(out, f"{name}-config.json"), "w") as f:
             json.dump(model_config(size, tok.get_vocab_size(), args.max_seq_len), f, indent=2)
+    return files, tok
 
-    common = ["--tokenizer", tok_dir, "--max-seq-len", str(args.max_seq_len), "--doc-stride", str(args.doc_stride),
-              "--batch-size", str(args.batch_size), "--lr", str(args.lr), "--warmup-proportion", "0.1",
-              "--save-every", "0", "--device", "cpu", "--feature-store", os.path.join(out, "features"),
-              "--overwrite",  # the demo owns its subfolders: a second demo run replaces the first
-              *(["--quiet"] if args.quiet else [])]
-    finetune, distill = build_parser(False), build_parser(True)  # the card's w 0.75 and T 1.5 stay
-    timings, dirs = {}, {}
 
-    # --- teacher (train_finetune's loop, from random weights, on all the training data)
-    print(f"\n== teacher {args.teacher_size}: span cross-entropy on {count(train_rows)} questions, "
-          f"{args.teacher_epochs} epochs")
-    dirs["teacher"] = os.path.join(out, "teacher")
-    t = time.perf_counter()
-    train(finetune.parse_args([*common, "--train", train_file, "--init-config", os.path.join(out, "teacher-config.json"),
-                               "--epochs", str(args.teacher_epochs), "--seed", str(args.seed), "--out", dirs["teacher"]]))
-    timings["teacher"] = time.perf_counter() - t
+def train_all(args, files, tok, common):
+    """The teacher (train_finetune's loop, from random weights, on all the training data), then per seed the
+    same student init trained twice on the same budget: distilled from the teacher, and on the labels only.
+    Returns ({name: checkpoint folder}, {name: training seconds})."""
+    out, dirs, timings = args.out, {}, {}
 
-    # --- students: per seed, the same init and budget; one learns from the teacher, one from the labels only
+    def run(name, argv, distill=False):
+        dirs[name] = os.path.join(out, name)
+        t = time.perf_counter()
+        train((distill_args if distill else finetune_args)([*common, *argv, "--out", dirs[name]]))
+        timings[name] = time.perf_counter() - t
+
+    print(f"\n== teacher {args.teacher_size}: span cross-entropy on all training questions, {args.teacher_epochs} epochs")
+    run("teacher", ["--train", files["train"], "--init-config", os.path.join(out, "teacher-config.json"),
+                    "--epochs", str(args.teacher_epochs), "--seed", str(args.seed)])
     for k in range(args.seeds):
         seed, tag = args.seed + k, "" if k == 0 else f"-seed{k}"
-        init = os.path.join(out, f"student-init{tag}")
-        save_student_init(args, out, init, seed, tok)
-        dirs[f"student-init{tag}"] = init
-        student = ["--train", student_file, "--epochs", str(args.student_epochs), "--seed", str(seed),
+        dirs[f"student-init{tag}"] = os.path.join(out, f"student-init{tag}")
+        save_student_init(args, out, dirs[f"student-init{tag}"], seed, tok)
+        student = ["--train", files["students"], "--epochs", str(args.student_epochs), "--seed", str(seed),
                    "--init-config", os.path.join(out, "student-config.json")]
         print(f"\n== student {args.student_size}, seed {seed}: distilled from the teacher (w 0.75, T 1.5)")
-        dirs[f"student-distilled{tag}"] = os.path.join(out, f"student-distilled{tag}")
-        t = time.perf_counter()
-        train(distill.parse_args([*common, *student, "--teacher", dirs["teacher"], "--teacher-cache",
-                                  os.path.join(out, "teacher-logits"), "--out", dirs[f"student-distilled{tag}"]]))
-        timings[f"student-distilled{tag}"] = time.perf_counter() - t
+        run(f"student-distilled{tag}", [*student, "--teacher", dirs["teacher"], "--teacher-cache",
+                                        os.path.join(out, "teacher-logits")], distill=True)
         print(f"\n== student {args.student_size}, seed {seed}: cross-entropy only, same budget")
-        dirs[f"student-ce{tag}"] = os.path.join(out, f"student-ce{tag}")
-        t = time.perf_counter()
-        train(finetune.parse_args([*common, *student, "--out", dirs[f"student-ce{tag}"]]))
-        timings[f"student-ce{tag}"] = time.perf_counter() - t
+        run(f"student-ce{tag}", student)
+    return dirs, timings
 
-    # --- evaluate (evaluate.py's code path)
+
+def evaluate_all(dirs, timings, dev_file, seeds):
+    """Every checkpoint scored on the dev file as evaluate.py runs it, and the students' spread over seeds."""
     dev = list(read_mrqa(dev_file))
     results = {}
     for name, d in dirs.items():
@@ -167,14 +174,14 @@ def main(argv=None):
     summary = {kind: spread([results[n]["f1"] for n in dirs if n.startswith(f"student-{kind}")])
                for kind in ("distilled", "ce", "init")}
     gains = [results[f"student-distilled{t}"]["f1"] - results[f"student-ce{t}"]["f1"]
-             for t in [""] + [f"-seed{k}" for k in range(1, args.seeds)]]
+             for t in [""] + [f"-seed{k}" for k in range(1, seeds)]]
     summary["distilled_minus_ce"] = spread(gains)
     results["summary"] = summary
-    results["total_seconds"] = time.perf_counter() - t_start
-    with open(os.path.join(out, "results.json"), "w") as f:
-        json.dump(results, f, indent=2)
+    return results
 
-    # --- the table
+
+def print_results(args, dirs, results, dev_file):
+    summary = results["summary"]
     print(f"\n{'model':<24}{'params':>10}{'EM':>8}{'F1':>8}{'questions/s':>13}{'train s':>9}")
     for name in dirs:
         r = results[name]
@@ -186,22 +193,21 @@ def main(argv=None):
     verdict = ("beat" if g["min"] > 0 else "lost to" if g["max"] < 0 else "neither clearly beat nor lost to")
     print(f"distillation {verdict} CE-only training of the same student: F1 {g['mean']:+.2f} on average "
           f"({g['min']:+.2f} .. {g['max']:+.2f} over the seeds)")
-    ex = min(dev, key=lambda e: len(e.context))
+    ex = min(read_mrqa(dev_file), key=lambda e: len(e.context))
     print(f"total {results['total_seconds']:.0f}s. Try:\n  python evaluate.py --model {dirs['student-distilled']} "
           f"--data {dev_file}\n  python -m tinyqa answer --model {dirs['teacher']} --question "
           f"\"{ex.question}\" --context \"{ex.context}\"")
-    return results
 
 
 def save_student_init(args, out, folder, seed, tok):
     """The students' common starting point, saved to be scored too: train() seeds torch with --seed right
     before it builds a model from --init-config, so this is the exact init both students of a seed start from."""
     torch.manual_seed(seed)
-    save_pretrained(RobertaForQA(RobertaConfig.from_json(os.path.join(out, "student-config.json"))), folder,
+    save_pretrained(EncoderForQA(EncoderConfig.from_json(os.path.join(out, "student-config.json"))), folder,
                     tokenizer=tok)
     with open(os.path.join(folder, "args.json"), "w") as f:  # its window settings, as train() writes
         json.dump({"init": f"random, seed {seed}", "max_seq_len": args.max_seq_len, "doc_stride": args.doc_stride,
-                   "max_query_length": FeaturizerConfig().max_query_length}, f, indent=2)
+                   "max_question_len": FeaturizerConfig().max_question_len}, f, indent=2)
 
 
 def spread(values):

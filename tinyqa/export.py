@@ -90,7 +90,8 @@ def check_with_onnxruntime(model, path, atol=1e-4):
 
 def export_command(model_name, out, opset=17, log=print):
     """Export the checkpoint `model_name` (alias, hub id or folder) into the folder `out`, atomically."""
-    from .weights import load_model, resolve_dir
+    from .catalog import resolve_dir
+    from .weights import load_model
     directory = resolve_dir(model_name, flag="--model")
     model = load_model(directory, verbose=False)
     os.makedirs(out, exist_ok=True)

@@ -1,7 +1,7 @@
 """Sliding windows over long contexts, span labels, and the padding collator.
 
 Follows the windowing of google-research/bert `run_squad.py` and transformers' `run_qa.py`, with the
-TinyRoBERTa-MRQA card's settings: max_seq_len 384, doc_stride 128, max_query_length 64.
+TinyRoBERTa-MRQA card's settings: max_seq_len 384, doc_stride 128, max_question_len 64.
 
 The special tokens around question and context come from the tokenizer's own pair template, read off
 once (`pair_layout`), so every family lays its windows out as its tokenizer does:
@@ -42,7 +42,7 @@ PAD_TOKENS = ("<pad>", "[PAD]")  # RoBERTa's, then BERT's, ELECTRA's and DeBERTa
 class FeaturizerConfig:
     max_seq_len: int = 384
     doc_stride: int = 128  # overlap between windows (tokens)
-    max_query_length: int = 64
+    max_question_len: int = 64
 
 
 @dataclass
@@ -137,7 +137,7 @@ def window_ranges(n_context: np.ndarray, budget: np.ndarray, doc_stride: int):
     n_context, budget = np.asarray(n_context, np.int64), np.asarray(budget, np.int64)
     if (budget <= doc_stride).any():
         raise TinyQAError(f"a window of {budget.min()} context tokens cannot overlap by doc_stride={doc_stride}: "
-                          "lower --doc-stride or --max-query-length, or raise --max-seq-len")
+                          "lower --doc-stride or --max-question-len, or raise --max-seq-len")
     step = budget - doc_stride
     count = 1 + np.maximum(0, -((budget - n_context) // step))  # -(-x // y): x / y rounded up
     owner = np.repeat(np.arange(len(count)), count)  # (windows,) the context of each window
@@ -161,8 +161,8 @@ def encode(examples, tokenizer, words=True) -> Encoded:
     encode_batch releases Python's GIL: the feature store runs it for the next chunk of examples in a thread
     while this one is cut into windows (tinyqa/store.py).
     words=False (training: labels, no decoding) lets RoBERTa's byte-level BPE encode the contexts with
-    encode_batch_fast too, which skips the offsets (1.39x as fast on SQuAD dev's contexts; at 5% of MRQA
-    train the store's build went from 0.74x to 0.86x the raw tokenizer's speed): the labels are then found
+    encode_batch_fast too, which skips the offsets, the bulk of the tokenizer's work on long contexts (what
+    it saves the feature store's build: docs/benchmarks.md): the labels are then found
     from the ids (`_byte_level_span_tokens`). Decoding needs each token's word (align_to_words), which only
     the full call gives."""
     index, contexts, context_of = {}, [], []
@@ -179,7 +179,7 @@ def encode(examples, tokenizer, words=True) -> Encoded:
     else:
         ctx_enc = tokenizer.encode_batch(contexts, add_special_tokens=False)
     # run_qa strips the question's leading whitespace: some SQuAD questions start with many spaces.
-    # Questions need only their ids: encode_batch_fast (tokenizers >= 0.21) skips the offsets, 27% faster.
+    # Questions need only their ids: encode_batch_fast (tokenizers >= 0.21) skips the offsets.
     encode_ids = getattr(tokenizer, "encode_batch_fast", tokenizer.encode_batch)
     q_enc = encode_ids([ex.question.lstrip() for ex in examples], add_special_tokens=False)
     return Encoded(context_of, contexts, ctx_enc, q_enc, vocab)
@@ -204,11 +204,11 @@ class WindowTable:
 
 def cut_windows(examples, enc: Encoded, layout: PairLayout, cfg: FeaturizerConfig, with_labels=True) -> WindowTable:
     """Every example's windows, built with array operations over all of them: MRQA train has a million
-    windows, and cutting them one at a time in Python (a Feature object each) was over half of the store
-    build's main-thread work (1.46 of 2.66 s at 5% of MRQA train), which on 2 cores competes with the
-    tokenizer. What is left per example is reading its question's ids and finding its answer's tokens."""
+    windows, and cutting them one at a time in Python (a Feature object each) would be most of the store
+    build's main-thread work, which on 2 cores competes with the tokenizer. What is left per example is
+    reading its question's ids and finding its answer's tokens."""
     ctx_ids = [np.asarray(e.ids, dtype=np.int32) for e in enc.context_encodings]
-    q_ids = [np.asarray(e.ids[: cfg.max_query_length], dtype=np.int32) for e in enc.question_encodings]
+    q_ids = [np.asarray(e.ids[: cfg.max_question_len], dtype=np.int32) for e in enc.question_encodings]
     context_of = np.asarray(enc.context_of, dtype=np.int64)  # (E,)
     n_ctx = np.array([len(x) for x in ctx_ids], dtype=np.int64)  # (C,)
     n_q = np.array([len(x) for x in q_ids], dtype=np.int64)  # (E,)
@@ -279,7 +279,7 @@ def featurize(examples, tokenizer, cfg: FeaturizerConfig = FeaturizerConfig(), w
 
 
 def _offsets(text: str, encoding) -> np.ndarray:
-    """The encoding's (L, 2) char offsets, trimmed. (fromiter over the flattened pairs: 1.8x as fast as
+    """The encoding's (L, 2) char offsets, trimmed. (fromiter over the flattened pairs: faster than
     np.asarray of the list of tuples, which the tokenizers getter builds a Python tuple per token for.)"""
     flat = np.fromiter(chain.from_iterable(encoding.offsets), np.int32, 2 * len(encoding))
     return trim_offsets(text, flat.reshape(-1, 2))
@@ -314,7 +314,7 @@ _IS_SPACE[_SPACES] = True
 
 def _is_space(text: str) -> np.ndarray:
     """str.isspace() of every character, without a Python loop: the code points (UTF-32) looked up in a
-    table, 7x faster than a regex over the spaces."""
+    table, far faster than a regex over the spaces."""
     code_points = np.frombuffer(text.encode("utf-32-le", "surrogatepass"), dtype=np.uint32)
     return _IS_SPACE.take(code_points, mode="clip")  # clip: code points past the table read its last entry
 
@@ -426,23 +426,30 @@ def _window_label(first, last, start, stop, n_prefix):
 
 
 def collate(features, with_labels=False, pad_id=1):
-    """Pad a list of features to the longest in it: input_ids (B, L) with pad_id (the model config's
-    pad_token_id: RoBERTa's positions depend on it; 1 is RoBERTa's), attention_mask (B, L),
-    token_type_ids (B, L), 0 beyond each feature."""
-    L = max(len(f.input_ids) for f in features)
-    ids = np.full((len(features), L), pad_id, dtype=np.int64)
-    mask = np.zeros((len(features), L), dtype=np.int64)
-    types = np.zeros((len(features), L), dtype=np.int64)
-    for i, f in enumerate(features):
-        ids[i, : len(f.input_ids)] = f.input_ids
-        mask[i, : len(f.input_ids)] = 1
-        if f.token_type_ids is not None:
-            types[i, : len(f.input_ids)] = f.token_type_ids
+    """Pad a list of features to the longest in it (pad_batch), with their labels when with_labels."""
+    labels = ([f.start_label for f in features], [f.end_label for f in features]) if with_labels else None
+    return pad_batch([(f.input_ids, f.token_type_ids) for f in features], pad_id, labels)
+
+
+def pad_batch(windows, pad_id=1, labels=None):
+    """The batch of windows, each (input_ids, token_type_ids or None), padded to the longest: input_ids (B, L)
+    with pad_id (the model config's pad_token_id: RoBERTa's positions depend on it; 1 is RoBERTa's),
+    attention_mask (B, L), token_type_ids (B, L), 0 beyond each window; with labels, their (starts, ends)
+    as start_positions and end_positions (B,). What both inference and the feature store batch with."""
+    L = max(len(ids) for ids, _ in windows)
+    ids = np.full((len(windows), L), pad_id, dtype=np.int64)
+    mask = np.zeros((len(windows), L), dtype=np.int64)
+    types = np.zeros((len(windows), L), dtype=np.int64)
+    for i, (window, window_types) in enumerate(windows):
+        ids[i, : len(window)] = window
+        mask[i, : len(window)] = 1
+        if window_types is not None:
+            types[i, : len(window)] = window_types
     batch = {"input_ids": torch.from_numpy(ids), "attention_mask": torch.from_numpy(mask),
              "token_type_ids": torch.from_numpy(types)}
-    if with_labels:
-        batch["start_positions"] = torch.tensor([f.start_label for f in features])
-        batch["end_positions"] = torch.tensor([f.end_label for f in features])
+    if labels is not None:
+        batch["start_positions"] = torch.as_tensor(np.asarray(labels[0], dtype=np.int64))
+        batch["end_positions"] = torch.as_tensor(np.asarray(labels[1], dtype=np.int64))
     return batch
 
 

@@ -29,19 +29,6 @@ def uniform_layer_map(n_teacher: int, n_student: int, advice=", or give --layer-
     return [k * (i + 1) for i in range(n_student)]
 
 
-def parse_layer_map(text: str) -> list:
-    """`--layer-map 2,4,6`: 1-based teacher layers, one per student layer (the checks against the models
-    come later, in check_layer_map)."""
-    try:
-        layers = [int(x) for x in text.split(",")]
-    except ValueError:
-        layers = []
-    if not layers or any(x < 1 for x in layers):
-        import argparse
-        raise argparse.ArgumentTypeError(f"must be 1-based teacher layers separated by commas, like 4,8,12; got {text!r}")
-    return layers
-
-
 def check_layer_map(teacher: EncoderConfig, student: EncoderConfig, layer_map=None) -> list:
     """The map to use (the given one, else the uniform one), refused with a clear message where the two
     models cannot be paired: attention scores are compared head by head, so the head counts must agree."""

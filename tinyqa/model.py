@@ -15,6 +15,7 @@ What differs sits in three places, each visible in one spot:
 `forward(input_ids, attention_mask, token_type_ids=None)` is all there is: losses live in `tinyqa/losses.py`.
 Module names are our own and short; `tinyqa/weights.py` maps them to the HF checkpoint keys.
 """
+import itertools
 import json
 import math
 from dataclasses import dataclass, fields
@@ -172,9 +173,6 @@ class EncoderConfig:
                 **{k: getattr(self, k) for k in keys}}
 
 
-RobertaConfig = EncoderConfig  # tinyqa's first name for it; the default model_type is "roberta"
-
-
 class QAOutput(NamedTuple):
     start_logits: torch.Tensor  # (B, L) float32
     end_logits: torch.Tensor  # (B, L) float32
@@ -284,7 +282,11 @@ class SelfAttention(nn.Module):
     def forward(self, x, mask, rel=None, need_scores=False):
         """(output (B, L, H), scores): scores are the logits SDPA softmaxes, (B, nh, L, L), when need_scores
         (TinyBERT's attention loss: tinyqa/intermediate.py), else None. The output always comes from SDPA,
-        so asking for the scores changes nothing else; padded keys' scores are left in, the loss skips them."""
+        so asking for the scores changes nothing else; padded keys' scores are left in, the loss skips them.
+        With `mask` a list of window lengths, x is those windows laid end to end without padding, (N, H):
+        see `unpadded`."""
+        if isinstance(mask, list):
+            return self.unpadded(x, mask), None
         B, L, H = x.shape
         hs = H // self.n_head
         q, k, v = self.project(x)  # (B, L, H) each
@@ -314,6 +316,26 @@ class SelfAttention(nn.Module):
             scores = scores if position is None else scores + position
         return self.out(y), scores
 
+    def unpadded(self, x, lengths):
+        """Attention over windows of `lengths` (summing to N) laid end to end without padding, x (N, H): a
+        window attends to itself alone, so SDPA needs no mask, and consecutive windows of one length (runs of
+        full 384-token windows in a length-sorted batch) share a call. Inference on the CPU only (no dropout,
+        no DeBERTa bias): EncoderForQA.forward_unpadded. Returns (N, H)."""
+        H = x.shape[1]
+        hs = H // self.n_head
+        q, k, v = self.project(x)  # (N, H) each
+        out, start = [], 0
+        for n, run in itertools.groupby(lengths):
+            count = len(list(run))
+            rows = slice(start, start + count * n)
+            # (count * n, H) -> (count, n, nh, hs) -> (count, nh, n, hs)
+            qw, kw, vw = (t[rows].view(count, n, self.n_head, hs).transpose(1, 2) for t in (q, k, v))
+            y = F.scaled_dot_product_attention(qw, kw, vw)  # (count, nh, n, hs); default scale 1/sqrt(hs)
+            out.append(y.transpose(1, 2).reshape(count * n, H))
+            start += count * n
+        # SDPA's CPU output is laid out (count, n, nh, hs), so each reshape above is free; one run needs no cat
+        return self.out(out[0] if len(out) == 1 else torch.cat(out))  # (N, H)
+
 
 class FeedForward(nn.Module):
     def __init__(self, cfg: EncoderConfig):
@@ -327,7 +349,9 @@ class FeedForward(nn.Module):
 
 
 class Layer(nn.Module):
-    """Post-LN block: x = LN(x + drop(attn(x))); x = LN(x + drop(ffn(x))). The same in all four families."""
+    """Post-LN block: x = LN(x + drop(attn(x))); x = LN(x + drop(ffn(x))). The same in all four families.
+    x is (B, L, H) with a mask, or (N, H) with the windows' lengths (SelfAttention.unpadded): LayerNorm,
+    the feed-forward and the adds act on the last dimension alone, so the block is the same for both."""
 
     def __init__(self, cfg: EncoderConfig):
         super().__init__()
@@ -355,11 +379,16 @@ class Encoder(nn.Module):
             self.ln_rel = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
 
     def forward(self, input_ids, attention_mask, token_type_ids=None, output_hidden_states=False,
-                output_scores=()):
+                output_scores=(), unpadded=False):
         """(last hidden state, all hidden states or None, attention scores or None). output_scores: the
-        0-based layers whose scores to return (True: all); the others' entries are None."""
+        0-based layers whose scores to return (True: all); the others' entries are None. unpadded: after the
+        embeddings, only the real tokens go through the layers, laid end to end: the last hidden state is
+        then (N, H), with N the batch's real tokens (EncoderForQA.forward_unpadded)."""
         mask = attention_mask.bool()[:, None, None, :]  # (B, L) -> (B, 1, 1, L), broadcast over heads and queries
         x = self.embeddings(input_ids, attention_mask, token_type_ids)
+        if unpadded:
+            keep = attention_mask.bool()  # (B, L)
+            x, mask = x[keep], keep.sum(dim=1).tolist()  # (B, L, H) -> (N, H); the windows' lengths
         rel = None
         if self.rel_embeddings is not None:  # normalised once, projected by each layer with its own q/k
             idx = relative_position_buckets(input_ids.shape[1], self.buckets, self.max_relative, input_ids.device)
@@ -409,11 +438,22 @@ class EncoderForQA(nn.Module):
         start, end = logits.unbind(dim=-1)  # (B, L) each
         return QAOutput(start.contiguous(), end.contiguous(), hidden, scores)
 
+    @torch.inference_mode()
+    def forward_unpadded(self, input_ids, attention_mask, token_type_ids=None):
+        """Start and end logits computed on the real tokens only: two lists with one (n_i,) tensor per window.
+        Every Linear, LayerNorm and residual add sees (N, H), the batch's N real tokens, rather than
+        (B, L, H) with padding; attention runs per window (SelfAttention.unpadded). Inference only (no
+        dropout) and not for DeBERTa, whose position bias is built for the padded length; equal to forward's
+        logits on each window's real tokens (tests/test_cpu_paths.py)."""
+        if self.training or self.config.relative_attention:
+            raise ValueError("forward_unpadded is for inference (eval mode) of RoBERTa, BERT and ELECTRA models")
+        x, _, _ = self.encoder(input_ids, attention_mask, token_type_ids, unpadded=True)  # (N, H)
+        lengths = attention_mask.sum(dim=1).tolist()
+        start, end = self.qa_outputs(x).float().unbind(dim=-1)  # (N,) each
+        return start.contiguous().split(lengths), end.contiguous().split(lengths)
+
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
-
-
-RobertaForQA = EncoderForQA  # tinyqa's first name for it
 
 
 def flops_per_token(cfg: EncoderConfig, seq_len: int, batch_size: int = 1) -> float:

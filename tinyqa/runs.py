@@ -39,8 +39,18 @@ RUNTIME_ARGS = {"resume", "out", "save_every", "stop_after", "device", "quiet", 
 RUN_FILES = ("log.jsonl", "args.json", "config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json")
 
 
+# args.json keys that an earlier tinyqa wrote under another name, and the name they have now.
+RENAMED = {"max_query_length": "max_question_len"}
+
+
 def saved_args(args) -> dict:
     return {k: v for k, v in vars(args).items() if k != "given"}
+
+
+def read_args(folder, what="the run's arguments") -> dict:
+    """A checkpoint's args.json, with the keys earlier versions wrote renamed to today's."""
+    saved = read_json(os.path.join(folder, "args.json"), what)
+    return {RENAMED.get(k, k): v for k, v in saved.items()}
 
 
 # --- the run folder
@@ -213,7 +223,7 @@ def resume_args(args):
     if not os.path.exists(os.path.join(folder, "training_state.pt")) or not os.path.exists(os.path.join(folder, "args.json")):
         raise TinyQAError(f"--resume {folder}: not a training checkpoint (no training_state.pt and args.json); a "
                           "finished run's final model cannot be resumed: start a new run from it instead")
-    saved = read_json(os.path.join(folder, "args.json"), "the run's arguments")
+    saved = read_args(folder)
     if saved.get("distill", args.distill) != args.distill:
         script = "train_distill.py" if saved["distill"] else "train_finetune.py"
         kind = "a distillation" if saved["distill"] else "a fine-tuning"

@@ -18,7 +18,6 @@ option), 411 (no Content-Length) or 413 (a body over --max-body-bytes, never rea
 """
 import html
 import json
-import math
 import sys
 import threading
 import traceback
@@ -26,6 +25,7 @@ from dataclasses import asdict
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from .errors import TinyQAError
+from .files import strict_json
 
 OPTIONS = ("top_k", "max_answer_len", "max_seq_len", "doc_stride", "max_question_len", "handle_impossible_answer",
            "align_to_words")
@@ -33,7 +33,7 @@ OPTIONS = ("top_k", "max_answer_len", "max_seq_len", "doc_stride", "max_question
 
 def parse_request(body: bytes):
     """(pairs, options) of a POST /answer body; raises TinyQAError saying what is wrong."""
-    from .infer import pairs_of
+    from .answerer import pairs_of
     try:
         req = json.loads(body.decode("utf-8"))
     except UnicodeDecodeError as e:
@@ -67,22 +67,6 @@ def parse_request(body: bytes):
     if not pairs:
         raise TinyQAError("no questions in the request")
     return pairs, options
-
-
-def finite(x):
-    """x with every non-finite float replaced by None: JSON (RFC 8259) has no NaN or Infinity."""
-    if isinstance(x, float):
-        return x if math.isfinite(x) else None
-    if isinstance(x, dict):
-        return {k: finite(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [finite(v) for v in x]
-    return x
-
-
-def strict_json(obj) -> str:
-    """JSON that any parser accepts: non-finite floats become null, and json.dumps refuses any left."""
-    return json.dumps(finite(obj), ensure_ascii=False, allow_nan=False)
 
 
 class Handler(BaseHTTPRequestHandler):

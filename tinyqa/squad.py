@@ -7,48 +7,35 @@ Format (Rajpurkar et al. 2016, 2018; the official train/dev files):
 answer. (MRQA's char_spans are inclusive, and mrqa.py converts them; both end up as Example.span, whose
 end is exclusive.) The conversion follows MRQA's own conversion of SQuAD: the answers are the gold texts
 (for the metric), the span is the first answer's. A v2.0 question with is_impossible (no answers) becomes
-an Example with no answers and no span: evaluate.py scores it by SQuAD 2.0's rule with --allow-null.
+an Example with no answers and no span: evaluate.py scores it by SQuAD 2.0's rule with --handle-impossible-answer.
 
-`read_mrqa` hands any file that starts like a SQuAD JSON object here, so every entry that takes MRQA
+tinyqa/data.py hands any file that starts like a SQuAD JSON object here, so every entry that takes MRQA
 files (evaluate.py --data, the training scripts' --train and --eval-data) takes SQuAD files too.
 """
-import gzip
 import json
-import os
 import re
-from typing import Iterator
+from typing import Iterator, Optional
 
 from .errors import TinyQAError
-from .mrqa import Example
+from .examples import Example, QidIndex, ReadReport, file_stem, open_binary, report_bad
 
 _START = re.compile(rb'^\s*\{\s*"(data|version)"\s*:')
-
-
-def _open_binary(path):
-    with open(path, "rb") as f:
-        gz = f.read(2) == b"\x1f\x8b"
-    return gzip.open(path, "rb") if gz else open(path, "rb")
 
 
 def is_squad_json(path) -> bool:
     """Whether the file (plain or gzipped) begins like a SQuAD JSON object ({"data": or {"version": first);
     MRQA JSONL lines begin with {"header": or a context line's fields."""
     try:
-        with _open_binary(path) as f:
+        with open_binary(path) as f:
             head = f.read(256)
-    except (OSError, EOFError):
+    except (OSError, EOFError, TinyQAError):
         return False  # read_mrqa reports the unreadable file
     return bool(_START.match(head.removeprefix(b"\xef\xbb\xbf")))
 
 
-def squad_version(path) -> str:
-    """The file's "version" field ("1.1", "v2.0", ...), or "" when it has none."""
-    return str(_load(path).get("version", ""))
-
-
 def _load(path):
     try:
-        with _open_binary(path) as f:
+        with open_binary(path, "a SQuAD file") as f:
             return json.loads(f.read().decode("utf-8-sig"))
     except (OSError, EOFError) as e:
         raise TinyQAError(f"{path}: cannot be read as SQuAD JSON ({type(e).__name__}: {e})")
@@ -59,36 +46,42 @@ def _load(path):
                           "JSON object {\"version\", \"data\"}")
 
 
-def read_squad(path, skip_bad=False, report=None) -> Iterator:
+def read_squad(path, skip_bad=False, report: Optional[ReadReport] = None,
+               qids: Optional[QidIndex] = None) -> Iterator[Example]:
     """Stream the Examples of a SQuAD v1.1 / v2.0 JSON file (loaded whole: it is one JSON object).
     A malformed question raises naming its place (data[i].paragraphs[j].qas[k], its id), or with
-    skip_bad is skipped and recorded in report.skipped."""
+    skip_bad is skipped and recorded in report.skipped; a qid read before (in `qids`) is a duplicate."""
     path = str(path)
     doc = _load(path)
     if not isinstance(doc, dict) or not isinstance(doc.get("data"), list):
         raise TinyQAError(f"{path}: a SQuAD file needs a \"data\" list of articles")
-    name = os.path.basename(path)
-    for ext in (".gz", ".json"):
-        name = name.removesuffix(ext)
+    qids = qids if qids is not None else QidIndex()
+    name = file_stem(path)
     for i, article in enumerate(doc["data"]):
         paragraphs = article.get("paragraphs") if isinstance(article, dict) else None
         if not isinstance(paragraphs, list):
-            _bad(f"{path}: data[{i}]", "needs a \"paragraphs\" list", skip_bad, report)
+            report_bad(f"{path}: data[{i}]", "needs a \"paragraphs\" list", skip_bad, report, ADVICE)
             continue
         for j, par in enumerate(paragraphs):
             where = f"{path}: data[{i}].paragraphs[{j}]"
             if not isinstance(par, dict) or not isinstance(par.get("context"), str) or not isinstance(par.get("qas"), list):
-                _bad(where, "needs a \"context\" string and a \"qas\" list", skip_bad, report)
+                report_bad(where, "needs a \"context\" string and a \"qas\" list", skip_bad, report, ADVICE)
                 continue
             context = par["context"]  # one str object shared by the paragraph's questions: tokenized once
             for k, qa in enumerate(par["qas"]):
                 try:
                     ex = _example(qa, context)
                 except ValueError as e:
-                    _bad(f"{where}.qas[{k}]", str(e), skip_bad, report)
+                    report_bad(f"{where}.qas[{k}]", str(e), skip_bad, report, ADVICE)
+                    continue
+                if not qids.add(ex.qid, path, 0):  # one JSON object: no line to name
+                    report_bad(path, qids.duplicate(ex.qid), skip_bad, report, ADVICE)
                     continue
                 ex.dataset = name
                 yield ex
+
+
+ADVICE = "fix it, or pass --skip-bad to skip and count such questions"
 
 
 def _example(qa, context):
@@ -116,10 +109,3 @@ def _example(qa, context):
     if not impossible and not answers:
         raise ValueError(f"(id {qid}) has no answers and is not marked is_impossible")
     return Example(str(qid), qa["question"], context, answers, span)
-
-
-def _bad(where, msg, skip_bad, report):
-    if not skip_bad:
-        raise TinyQAError(f"{where}: {msg} (fix it, or pass --skip-bad to skip and count such questions)")
-    if report is not None:
-        report.skipped.append(f"{where}: {msg}")

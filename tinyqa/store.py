@@ -22,29 +22,25 @@ What keeps it trustworthy, as for the teacher-logit cache (tinyqa/teacher_cache.
 - a lock makes other processes that want the same store (the other DDP ranks, another run) wait for the
   one building it, then read it.
 """
-import glob
 import hashlib
 import json
 import os
-import shutil
-import tempfile
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
-import torch
 
+from .catalog import cache_root
+from .data import stream_files
 from .errors import TinyQAError
-from .features import cut_windows, encode, pair_layout
-from .files import RowFile, _umask, disk_error, file_sha256
-from .mrqa import ReadReport, stream_files
-from .teacher_cache import lock
+from .examples import ReadReport
+from .features import cut_windows, encode, pad_batch, pair_layout
+from .files import RowFile, building, chunks, file_sha256, lock
 
 CHUNK_QUESTIONS = 2000  # examples featurized together: bounds the memory of a build
 
 
 def default_root():
-    return os.path.join(os.environ.get("TINYQA_CACHE") or os.path.expanduser("~/.cache/tinyqa"), "features")
+    return os.path.join(cache_root(), "features")
 
 
 def store_key(root, files, tokenizer, fcfg, limit, skip_bad):
@@ -52,7 +48,7 @@ def store_key(root, files, tokenizer, fcfg, limit, skip_bad):
     memo = os.path.join(root, "hashes.json")
     info = {"data": [[os.path.basename(p), file_sha256(p, memo)] for p in files], "limit": limit, "skip_bad": skip_bad,
             "tokenizer": hashlib.sha256(tokenizer.to_str().encode()).hexdigest()[:24],
-            "featurizer": [fcfg.max_seq_len, fcfg.doc_stride, fcfg.max_query_length], "format": 1}
+            "featurizer": [fcfg.max_seq_len, fcfg.doc_stride, fcfg.max_question_len], "format": 1}
     return hashlib.sha256(json.dumps(info, sort_keys=True).encode()).hexdigest()[:24], info
 
 
@@ -71,7 +67,7 @@ def open_store(root, files, tokenizer, fcfg, limit=None, skip_bad=False, log=pri
     folder = os.path.join(root, key)
     reused = is_complete(folder)
     if not reused:
-        with lock(folder + ".lock", log):
+        with lock(folder + ".lock", log, "the same feature store"):
             if not is_complete(folder):  # another process may have built it while we waited
                 log(f"featurizing the training data once into {folder}")
                 build(files, tokenizer, fcfg, limit, skip_bad, folder, info, log, progress)
@@ -90,36 +86,29 @@ def build(files, tokenizer, fcfg, limit, skip_bad, folder, info, log=print, prog
     an answer span are left out with a notice (they would teach "no answer"), like malformed lines (which
     are errors, or with skip_bad counted)."""
     from tqdm import tqdm
-    root = os.path.dirname(folder)
-    for old in glob.glob(glob.escape(folder) + ".tmp-*"):  # a killed build's leftovers, once an hour old
-        if time.time() - os.path.getmtime(old) > 3600:
-            shutil.rmtree(old, ignore_errors=True)
-    tmp = tempfile.mkdtemp(dir=root, prefix=os.path.basename(folder) + ".tmp-")
     layout = pair_layout(tokenizer)
     dtype = np.uint16 if tokenizer.get_vocab_size(with_added_tokens=True) <= 65536 else np.int32
-    report, no_span, n_no_span = ReadReport(), [], 0
-    lengths, meta, n_examples, n_tokens = [], [], 0, 0
-    bar = tqdm(desc="featurize", unit=" windows", disable=not progress)
-    try:
-        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700; a shared cache must stay readable by others
+    report, no_span = ReadReport(), []
+    lengths, meta, n = [], [], {"examples": 0, "tokens": 0, "no_span": 0}
+    with building(folder, is_complete) as tmp, tqdm(desc="featurize", unit=" windows", disable=not progress) as bar:
         with open(os.path.join(tmp, "ids.bin"), "wb") as f, ThreadPoolExecutor(max_workers=1) as tokenizing:
 
             def write(examples, encoding):  # one chunk's windows appended to ids.bin, lengths and meta
-                nonlocal n_examples, n_tokens
                 table = cut_windows(examples, encoding.result(), layout, fcfg)
                 f.write(table.input_ids.astype(dtype).tobytes())
                 lengths.append(np.diff(table.bounds))
-                meta.append(np.stack([n_examples + table.example_index, table.start_label, table.end_label,
+                meta.append(np.stack([n["examples"] + table.example_index, table.start_label, table.end_label,
                                       table.n_prefix], axis=1).astype(np.int32))
-                n_tokens += len(table.input_ids)
-                n_examples += len(examples)
+                n["tokens"] += len(table.input_ids)
+                n["examples"] += len(examples)
                 bar.update(len(table))
 
             examples = (ex for _, ex in stream_files(files, limit, skip_bad, report, flag="--train"))
             pending = None  # the previous chunk, whose tokenization runs while this one is read
-            for chunk in _chunks(examples, CHUNK_QUESTIONS):
+            for chunk in chunks(examples, CHUNK_QUESTIONS):
                 missing = [ex.qid for ex in chunk if ex.span is None]
-                n_no_span, no_span = n_no_span + len(missing), no_span + missing[:5 - len(no_span)]
+                n["no_span"] += len(missing)
+                no_span += missing[:5 - len(no_span)]
                 keep = [ex for ex in chunk if ex.span is not None]
                 # encode_batch releases the GIL: chunk i + 1 is tokenized (in Rust, on the other core) while
                 # chunk i is cut into windows and written here, and chunk i + 2 read and checked.
@@ -131,40 +120,19 @@ def build(files, tokenizer, fcfg, limit, skip_bad, folder, info, log=print, prog
                 write(*pending)
         bar.close()
         report.print(log)
-        if n_no_span:
-            log(f"notice: {n_no_span} training questions have no answer span (detected_answers.char_spans) and are "
-                f"left out: {', '.join(no_span)}{' ...' * (n_no_span > len(no_span))}")
-        if not n_examples:
+        if n["no_span"]:
+            log(f"notice: {n['no_span']} training questions have no answer span (detected_answers.char_spans) and "
+                f"are left out: {', '.join(no_span)}{' ...' * (n['no_span'] > len(no_span))}")
+        if not n["examples"]:
             raise TinyQAError(f"--train {' '.join(map(str, files))}: no question has an answer span "
                               "(detected_answers): there is nothing to train on")
         lengths = np.concatenate(lengths)
         np.save(os.path.join(tmp, "offsets.npy"), np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64))
         np.save(os.path.join(tmp, "windows.npy"), np.concatenate(meta))
-        info.update(dtype=np.dtype(dtype).name, windows=len(lengths), tokens=n_tokens, examples=n_examples,
-                    skipped=len(report.skipped), no_span=n_no_span)
+        info.update(dtype=np.dtype(dtype).name, windows=len(lengths), tokens=n["tokens"], examples=n["examples"],
+                    skipped=len(report.skipped), no_span=n["no_span"])
         with open(os.path.join(tmp, "key.json"), "w") as f:
             json.dump(info, f, indent=2)
-        try:
-            os.rename(tmp, folder)  # atomic; refused if another process (without a lock) got there first
-        except OSError:
-            if not is_complete(folder):
-                raise
-    except OSError as e:
-        raise disk_error(folder, e) from e
-    finally:
-        bar.close()
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _chunks(iterable, n):
-    chunk = []
-    for x in iterable:
-        chunk.append(x)
-        if len(chunk) == n:
-            yield chunk
-            chunk = []
-    if chunk:
-        yield chunk
 
 
 class FeatureStore:
@@ -182,6 +150,7 @@ class FeatureStore:
         if len(self.windows) != len(self.offsets) - 1 or len(self.ids) != self.offsets[-1]:
             raise TinyQAError(f"{folder}: damaged feature store (windows, offsets and ids disagree); delete it to rebuild")
         self.folder, self.layout = folder, layout
+        self.key = os.path.basename(os.path.normpath(folder))  # what the teacher cache keys on
 
     def __len__(self):
         return len(self.windows)
@@ -191,24 +160,15 @@ class FeatureStore:
         return np.diff(self.offsets)
 
     def batch(self, idx, pad_id, with_labels=True) -> dict:
-        """Windows idx padded to the longest of them: input_ids, attention_mask, token_type_ids (B, L) and,
-        with_labels, start_positions and end_positions (B,). What features.collate gives for the same windows."""
-        lengths = self.offsets[np.asarray(idx) + 1] - self.offsets[idx]
-        L = int(lengths.max())
-        ids = np.full((len(idx), L), pad_id, dtype=np.int64)
-        mask = np.zeros((len(idx), L), dtype=np.int64)
-        types = np.zeros((len(idx), L), dtype=np.int64)
-        lay = self.layout
-        for row, (i, n) in enumerate(zip(idx, lengths)):
-            ids[row, :n] = self.ids.read(self.offsets[i], self.offsets[i + 1])
-            mask[row, :n] = 1
+        """Windows idx padded to the longest of them (features.pad_batch): input_ids, attention_mask,
+        token_type_ids (B, L) and, with_labels, start_positions and end_positions (B,)."""
+        lay, windows = self.layout, []
+        for i in idx:
+            ids = self.ids.read(self.offsets[i], self.offsets[i + 1])
+            types = None
             if lay.max_type:  # BERT-style segments, rebuilt from where the context starts
                 n_prefix = int(self.windows[i, 3])
-                types[row, :n] = lay.type_ids(n_prefix - len(lay.before) - len(lay.between),
-                                              n - n_prefix - len(lay.after))
-        batch = {"input_ids": torch.from_numpy(ids), "attention_mask": torch.from_numpy(mask),
-                 "token_type_ids": torch.from_numpy(types)}
-        if with_labels:
-            batch["start_positions"] = torch.from_numpy(self.windows[idx, 1].astype(np.int64))
-            batch["end_positions"] = torch.from_numpy(self.windows[idx, 2].astype(np.int64))
-        return batch
+                types = lay.type_ids(n_prefix - len(lay.before) - len(lay.between), len(ids) - n_prefix - len(lay.after))
+            windows.append((ids, types))
+        labels = (self.windows[idx, 1], self.windows[idx, 2]) if with_labels else None
+        return pad_batch(windows, pad_id, labels)

@@ -5,46 +5,48 @@ of every window one after another; `offsets.npy` (windows + 1,) int64, window i 
 logits[offsets[i]:offsets[i + 1]]; `key.json`, what the key was made of.
 
 What keeps it trustworthy:
-- the key hashes the CONTENT of the teacher's weights and config and of the training files (sha256,
-  remembered per file identity in `<root>/hashes.json` so a GB-sized teacher is hashed once), with the
-  tokenizer, the featurizer settings, --limit, --skip-bad and the autocast dtype: replaced weights with
-  the same size and mtime can never reuse stale logits;
-- a cache is built in a unique temporary folder and renamed into place in one step, so its name only
-  ever points at a complete cache; a lock (where the OS has flock) makes a second run that wants the
-  same cache wait for the first instead of computing it twice;
+- the key hashes the CONTENT of the teacher's weights and config (sha256, remembered per file identity in
+  `<root>/hashes.json` so a GB-sized teacher is hashed once) with the feature store's key (the training
+  files' content, the tokenizer, the window settings, --limit, --skip-bad) and the autocast dtype:
+  replaced weights with the same size and mtime can never reuse stale logits;
+- it is opened like the feature store (`open_cache` beside `open_store`): built in a unique temporary folder
+  and renamed into place in one step, so its name only ever points at a complete cache; a lock (where the
+  OS has flock) makes a second run that wants the same cache wait for the first instead of computing it twice;
 - the whole file is reserved (posix_fallocate) before the teacher runs, and written with ordinary
   writes, not through a memory map: a full disk is an error at once, never a SIGBUS hours later;
-- under DDP every rank computes a share of the batches into the same reserved file (start, compute,
-  finish), so the teacher pass is split N ways rather than run by rank 0 while the others wait.
+- under DDP every rank computes a share of the batches into the same reserved file, so the teacher pass
+  is split N ways rather than run by rank 0 while the others wait.
 """
 import hashlib
 import json
 import os
-import shutil
-import tempfile
-from contextlib import contextmanager
+from contextlib import ExitStack, nullcontext
 
 import numpy as np
 import torch
 
+from . import distributed
+from .catalog import cache_root
+from .cpu import max_tokens_for
 from .errors import TinyQAError
 from .features import length_sorted_batches
-from .files import RowFile, _umask, disk_error, file_sha256
+from .files import RowFile, building, disk_error, file_sha256, lock
+from .weights import load_model
 
 
 def default_root():
-    return os.path.join(os.environ.get("TINYQA_CACHE") or os.path.expanduser("~/.cache/tinyqa"), "teacher-logits")
+    return os.path.join(cache_root(), "teacher-logits")
 
 
-def cache_key(root, train_files, teacher_dir, tokenizer_fp, fcfg, limit, skip_bad, amp_dtype):
-    """(key, what it was made of). Everything that changes a single logit or the window order is in it."""
+def cache_key(root, store, teacher_dir, amp_dtype):
+    """(key, what it was made of): the store's key (training files' content, tokenizer, window settings,
+    --limit, --skip-bad: what decides the windows), the teacher's weights and config, the autocast dtype.
+    Everything that changes a single logit or the window order is in it."""
     memo = os.path.join(root, "hashes.json")
     weights = next((f for f in ("model.safetensors", "pytorch_model.bin")
                     if os.path.exists(os.path.join(teacher_dir, f))), None)
     teacher = {f: file_sha256(os.path.join(teacher_dir, f), memo) for f in (weights, "config.json") if f}
-    info = {"data": [[os.path.basename(p), file_sha256(p, memo)] for p in train_files], "limit": limit,
-            "skip_bad": skip_bad, "teacher": teacher, "tokenizer": tokenizer_fp,
-            "featurizer": [fcfg.max_seq_len, fcfg.doc_stride, fcfg.max_query_length], "autocast": str(amp_dtype)}
+    info = {"windows": store.key, "teacher": teacher, "autocast": str(amp_dtype)}
     return hashlib.sha256(json.dumps(info, sort_keys=True).encode()).hexdigest()[:24], info
 
 
@@ -52,24 +54,39 @@ def is_complete(folder):
     return os.path.exists(os.path.join(folder, "offsets.npy"))  # the folder only appears whole (rename)
 
 
-@contextmanager
-def lock(path, log=print):
-    """An exclusive lock on `path` for as long as the block runs; the OS drops it if the process dies."""
+def open_cache(root, store, teacher_dir, amp_dtype=None, batch_size=64, dist=None, log=print, progress=True):
+    """The teacher's logits for the store's windows: reused when the key matches, else computed once. Rank 0
+    takes the lock (a second run wanting the same cache waits for it) and builds the folder; every rank
+    computes its share of the batches into the one reserved file, and rank 0 renames it into place."""
+    dist = dist or distributed.Dist(0, 1, "cpu")
     try:
-        import fcntl
-    except ImportError:  # no flock (Windows): two runs may both compute; each renames a complete copy
-        yield
-        return
-    with open(path, "a") as f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            log(f"waiting for another run that is computing the same teacher logits (lock {path})")
-            fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
+        os.makedirs(root, exist_ok=True)
+    except OSError as e:
+        raise TinyQAError(f"--teacher-cache {root}: cannot create it ({e.strerror})")
+    key, info = cache_key(root, store, teacher_dir, amp_dtype)
+    folder = os.path.join(root, key)
+    with ExitStack() as held:
+        tmp = None
+        if dist.master and not is_complete(folder):
+            held.enter_context(lock(folder + ".lock", log, "the same teacher logits"))
+            if not is_complete(folder):  # another run may have finished it while we waited
+                log(f"computing teacher logits once into {folder}" + (f" ({dist.world} processes)" if dist.world > 1 else ""))
+                tmp = held.enter_context(building(folder, is_complete))
+                reserve(tmp, store.lengths)
+        tmp = distributed.broadcast(dist, tmp)  # every rank learns whether, and where, to compute
+        if tmp is None:
+            log(f"teacher logits: reusing {folder}")
+        else:
+            teacher = load_model(teacher_dir, device=dist.device, verbose=dist.master)
+            batches = length_sorted_batches(store.lengths, batch_size, max_tokens_for(dist.device))
+            autocast = torch.autocast("cuda", dtype=amp_dtype) if amp_dtype else nullcontext()
+            compute(teacher, store, tmp, batches[dist.rank::dist.world], dist.device, autocast,
+                    progress=progress and dist.master)
+            distributed.barrier(dist)  # every share is written
+            if dist.master:
+                finish(tmp, store.lengths, info)
+    distributed.barrier(dist)  # renamed into place: complete for every rank
+    return TeacherCache(folder, store.lengths)
 
 
 def _reserve(f, size):
@@ -80,22 +97,14 @@ def _reserve(f, size):
         f.truncate(size)  # sparse; the ordinary writes below still fail cleanly with ENOSPC
 
 
-def start(folder, lengths):
-    """A unique temporary folder beside `folder` holding logits.npy, its blocks reserved for every window
-    (lengths: the windows' token counts). Returns its path; compute() fills it, finish() renames it."""
+def reserve(tmp, lengths):
+    """tmp's logits.npy with its blocks reserved for every window (lengths: the windows' token counts),
+    for compute() to fill."""
     total = int(np.sum(lengths))
-    root = os.path.dirname(folder)
-    tmp = tempfile.mkdtemp(dir=root, prefix=os.path.basename(folder) + ".tmp-")  # unique per run
-    try:
-        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700; a shared cache must stay readable by others
-        with open(os.path.join(tmp, "logits.npy"), "wb") as f:
-            np.lib.format.write_array_header_1_0(
-                f, {"descr": np.dtype(np.float16).str, "fortran_order": False, "shape": (total, 2)})
-            _reserve(f, f.tell() + total * 2 * 2)
-    except OSError as e:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise disk_error(folder, e) from e
-    return tmp
+    with open(os.path.join(tmp, "logits.npy"), "wb") as f:
+        np.lib.format.write_array_header_1_0(
+            f, {"descr": np.dtype(np.float16).str, "fortran_order": False, "shape": (total, 2)})
+        _reserve(f, f.tell() + total * 2 * 2)
 
 
 def _read_header(f):
@@ -131,21 +140,11 @@ def compute(teacher, store, tmp, batches, device, autocast, progress=True):
         raise disk_error(path, e) from e
 
 
-def finish(tmp, folder, lengths, info):
-    """Complete the temporary folder (offsets.npy, key.json) and rename it into place."""
-    try:
-        np.save(os.path.join(tmp, "offsets.npy"), np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64))
-        with open(os.path.join(tmp, "key.json"), "w") as f:
-            json.dump(info, f, indent=2)
-        try:
-            os.rename(tmp, folder)  # atomic; refused if another run (without a lock) got there first
-        except OSError:
-            if not is_complete(folder):
-                raise
-    except OSError as e:
-        raise disk_error(folder, e) from e
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+def finish(tmp, lengths, info):
+    """Complete the folder: offsets.npy, then key.json (what the key was made of)."""
+    np.save(os.path.join(tmp, "offsets.npy"), np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64))
+    with open(os.path.join(tmp, "key.json"), "w") as f:
+        json.dump(info, f, indent=2)
 
 
 class TeacherCache:

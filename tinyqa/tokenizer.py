@@ -24,7 +24,7 @@ import numpy as np
 from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
 
 from .errors import TinyQAError
-from .weights import resolve_dir
+from .catalog import resolve_dir
 
 
 def build_from_vocab_merges(vocab_path: str, merges_path: str) -> Tokenizer:

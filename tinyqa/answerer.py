@@ -1,0 +1,176 @@
+"""The answer API: extractive QA over any context length, what transformers' question-answering pipeline gave.
+
+    qa = QuestionAnswerer.from_pretrained("tinyroberta-mrqa")
+    qa.answer("Who wrote Hamlet?", "Hamlet is a tragedy written by William Shakespeare.")
+    # Answer(text='William Shakespeare', score=0.93, start=31, end=50, logit_score=17.2)
+    qa.answer_batch([("Who?", c1), {"question": "When?", "context": c2}], top_k=3)
+
+It decodes as the pipeline did, with its per-window probabilities (tinyqa/decode.py's `answer_example`),
+over the windows and logits of batched inference (tinyqa/infer.py). Questions are read, run and answered a
+chunk at a time, so a stream of any length is answered in bounded memory.
+"""
+from dataclasses import replace
+
+import torch
+
+from .catalog import resolve_dir
+from .cpu import pack_for_cpu, quantize_int8
+from .decode import DecodeConfig, answer_example
+from .errors import TinyQAError
+from .examples import Example
+from .features import FeaturizerConfig, check_model_fits, featurize
+from .infer import featurizer_config_of, run_model
+from .tokenizer import load_tokenizer
+from .weights import load_model
+
+
+class QuestionAnswerer:
+    """Extractive QA over any context length: what transformers' question-answering pipeline gave.
+
+    Every answering method takes these options per call (defaults: the answerer's fcfg and dcfg, which
+    from_pretrained takes from the checkpoint's args.json, else the model card's):
+      top_k (1)                   answers per question, best first, no two with the same text
+      max_answer_len (30)         longest answer in tokens (the 4.x pipeline's default was 15)
+      max_seq_len (384)           tokens per window, special tokens included
+      doc_stride (128)            overlap in tokens between consecutive windows of a long context
+      max_question_len (64)       question tokens kept (run_qa's max_query_length)
+      handle_impossible_answer    rank the null answer ("", 0, 0) among the others (SQuAD 2.0-style models)
+      align_to_words (True)       widen answers to whole words
+    An Answer's score is the pipeline's probability; logit_score is start_logit + end_logit.
+    """
+
+    # A chunk of questions is featurized, run and decoded together: at most this many questions, and
+    # at most this many context characters summed over its questions (a long context repeated for many
+    # questions makes that many windows), so memory stays bounded whatever the input's length.
+    chunk_questions = 64
+    chunk_chars = 2_000_000
+
+    def __init__(self, model, tokenizer, fcfg=FeaturizerConfig(), dcfg=DecodeConfig(), batch_size=64, device="cpu"):
+        self.model, self.tokenizer = model.eval(), tokenizer
+        self.fcfg, self.dcfg, self.batch_size, self.device = fcfg, dcfg, batch_size, device
+
+    @classmethod
+    def from_pretrained(cls, name_or_path, device="cpu", dtype=torch.float32, quantize=None, fcfg=None,
+                        prepack=True, **kw):
+        """Load a checkpoint (alias, hub id or local directory) and its tokenizer. quantize="int8": dynamic
+        int8 Linear layers (CPU). fcfg: window settings (default: the checkpoint's args.json, else the card's).
+        prepack: fp32 on an AVX-512 CPU, run the Linears through oneDNN with packed weights (pack_for_cpu:
+        faster there, logits within a few 1e-6; the model is then for inference only). Other keywords (dcfg,
+        batch_size) go to the constructor."""
+        model = load_model(name_or_path, device=device, dtype=dtype)
+        if quantize == "int8":
+            model = quantize_int8(model)
+        elif prepack:
+            model = pack_for_cpu(model)  # where it pays: fp32 on an AVX-512 CPU
+        fcfg = fcfg or featurizer_config_of(name_or_path)
+        return cls(model, load_tokenizer(name_or_path), fcfg=fcfg, device=device, **kw)
+
+    def answer(self, question: str, context: str, top_k=None, max_answer_len=None, doc_stride=None,
+               max_seq_len=None, max_question_len=None, handle_impossible_answer=None, align_to_words=None):
+        """The best Answer to `question` in `context`, or a list of the top_k best when top_k > 1.
+        Options as in the class docstring; None keeps the answerer's default."""
+        return self.answer_batch([(question, context)], top_k=top_k, max_answer_len=max_answer_len,
+                                 doc_stride=doc_stride, max_seq_len=max_seq_len, max_question_len=max_question_len,
+                                 handle_impossible_answer=handle_impossible_answer, align_to_words=align_to_words)[0]
+
+    def answer_batch(self, inputs, contexts=None, **options) -> list:
+        """Answers for many questions at once, in input order: one Answer per question (a list of up to
+        top_k when top_k > 1). `inputs` is a list of (question, context) pairs or {"question", "context"}
+        dicts; or, with `contexts`, a list of questions and either one context for all of them (tokenized
+        once) or a list of as many contexts. Options as in the class docstring."""
+        return list(self.answer_stream(pairs_of(inputs, contexts), **options))
+
+    def answer_stream(self, inputs, **options):
+        """Like answer_batch, but lazily: `inputs` may be any iterable (a generator, a file's lines parsed
+        on the fly) and is read a chunk of questions at a time, answers yielded as each chunk completes,
+        so memory does not grow with the number of questions."""
+        fcfg, dcfg = self._configs(**options)  # bad options fail here, not at the first answer
+        check_model_fits(self.model.config, self.tokenizer, fcfg.max_seq_len)
+        return self._stream(pairs_of(inputs, None), fcfg, dcfg)
+
+    def _stream(self, pairs, fcfg, dcfg):
+        while chunk := _take_chunk(pairs, self.chunk_questions, self.chunk_chars):
+            yield from self._answer_chunk(chunk, fcfg, dcfg)
+
+    def _answer_chunk(self, chunk, fcfg, dcfg):
+        examples = [Example(str(i), q, c, []) for i, (q, c) in enumerate(chunk)]
+        features = featurize(examples, self.tokenizer, fcfg, with_labels=False)
+        starts, ends = run_model(self.model, features, self.batch_size, self.device)
+        windows = [[] for _ in examples]
+        for f, s, e in zip(features, starts, ends):
+            windows[f.example_index].append((s, e, f.offsets, f.words))
+        for ex, w in zip(examples, windows):
+            answers = answer_example(ex.context, w, dcfg.top_k, dcfg.max_answer_len, dcfg.handle_impossible_answer,
+                                     dcfg.align_to_words)
+            yield answers[0] if dcfg.top_k == 1 else answers
+
+    def _configs(self, top_k=None, max_answer_len=None, doc_stride=None, max_seq_len=None, max_question_len=None,
+                 handle_impossible_answer=None, align_to_words=None):
+        """(FeaturizerConfig, DecodeConfig) of one call: the answerer's, with the given options replaced."""
+        for name, v in (("top_k", top_k), ("max_answer_len", max_answer_len), ("max_seq_len", max_seq_len),
+                        ("max_question_len", max_question_len)):
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+                raise TinyQAError(f"{name} must be a whole number >= 1, not {v!r}")
+        if doc_stride is not None and (isinstance(doc_stride, bool) or not isinstance(doc_stride, int) or doc_stride < 0):
+            raise TinyQAError(f"doc_stride must be a whole number >= 0, not {doc_stride!r}")
+        for name, v in (("handle_impossible_answer", handle_impossible_answer), ("align_to_words", align_to_words)):
+            if v is not None and not isinstance(v, bool):
+                raise TinyQAError(f"{name} must be true or false, not {v!r}")
+        fcfg = replace(self.fcfg, **_given(max_seq_len=max_seq_len, doc_stride=doc_stride,
+                                           max_question_len=max_question_len))
+        dcfg = replace(self.dcfg, **_given(top_k=top_k, max_answer_len=max_answer_len,
+                                           handle_impossible_answer=handle_impossible_answer, align_to_words=align_to_words))
+        return fcfg, dcfg
+
+
+def _given(**kw):
+    return {k: v for k, v in kw.items() if v is not None}
+
+
+def pairs_of(inputs, contexts=None):
+    """(question, context) pairs from the accepted input shapes, checked one by one as they are read."""
+    if isinstance(inputs, (str, dict)) or (isinstance(inputs, tuple) and len(inputs) == 2 and isinstance(inputs[0], str)):
+        raise TinyQAError("answer_batch takes a list of (question, context) pairs or dicts; "
+                          "for one question use answer(question, context)")
+    if contexts is not None:
+        questions = list(inputs)
+        if isinstance(contexts, str):
+            contexts = [contexts] * len(questions)  # the same str object: featurize tokenizes it once
+        contexts = list(contexts)
+        if len(questions) != len(contexts):
+            raise TinyQAError(f"{len(questions)} questions but {len(contexts)} contexts: give as many, or one context")
+        inputs = zip(questions, contexts)
+    return (_checked(i, x) for i, x in enumerate(inputs))
+
+
+def _checked(i, item):
+    if isinstance(item, dict):
+        missing = [k for k in ("question", "context") if k not in item]
+        if missing:
+            raise TinyQAError(f"input {i}: missing field '{missing[0]}' (give question and context)")
+        q, c = item["question"], item["context"]
+    elif isinstance(item, (tuple, list)) and len(item) == 2:
+        q, c = item
+    else:
+        raise TinyQAError(f"input {i}: expected a (question, context) pair or a dict, not {type(item).__name__}")
+    for name, v in (("question", q), ("context", c)):
+        if not isinstance(v, str):
+            raise TinyQAError(f"input {i}: {name} must be a string, not {type(v).__name__}")
+        if not v.strip():
+            raise TinyQAError(f"input {i}: the {name} is empty" + (" (only whitespace)" if v else ""))
+    return q, c
+
+
+def _take_chunk(pairs, max_questions, max_chars):
+    """The next pairs from the iterator, up to max_questions of them or max_chars of context in all (at
+    least one). Equal contexts share one str object, so that featurize tokenizes each once."""
+    chunk, chars, same = [], 0, {}
+    for q, c in pairs:
+        c = same.setdefault(c, c)
+        chunk.append((q, c))
+        chars += len(c)
+        if len(chunk) == max_questions or chars >= max_chars:
+            break
+    return chunk
+
+
