@@ -108,18 +108,30 @@ CHUNK_QUESTIONS = 2000
 def stream_examples(args, files, report):
     """(dataset name, Example) of every question to score, in file order, read lazily. Names come from each
     file's header, else its name (two files naming the same dataset stay apart). A SQuAD 2.0 question with
-    no answer is only kept with --handle-impossible-answer; the others are counted in args.left_out."""
-    names = {}
+    no answer is only kept with --handle-impossible-answer; the others are counted in args.left_out, and a
+    file that keeps no question at all is an error (it would enter the averages as nothing)."""
+    names, kept = {}, {}
     for i, ex in stream_files(files, args.limit, args.skip_bad, report, flag="--data"):
         if i not in names:
+            _check_kept(files, names, kept, args)
             unique, k = ex.dataset, 2
             while unique in names.values():
                 unique, k = f"{ex.dataset}#{k}", k + 1
-            names[i] = unique
+            names[i], kept[i] = unique, 0
         if not ex.answers and not args.handle_impossible_answer:
             args.left_out[names[i]] = args.left_out.get(names[i], 0) + 1
             continue
+        kept[i] += 1
         yield names[i], ex
+    _check_kept(files, names, kept, args)
+
+
+def _check_kept(files, names, kept, args):
+    for i, n in kept.items():
+        if n == 0:
+            raise TinyQAError(f"--data {files[i]}: all {args.left_out[names[i]]} questions are unanswerable (SQuAD "
+                              "2.0) and left out without --handle-impossible-answer: pass it to score them by SQuAD "
+                              "2.0's rules (for a model trained to give the null answer)")
 
 
 def read_predictions(path):

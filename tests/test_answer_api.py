@@ -195,7 +195,7 @@ def test_cli_questions_file_and_stdin_jsonl(qa, checkpoint, pairs, tmp_path):
     assert r.returncode == 0, r.stderr
     lines = [strict_loads(x) for x in r.stdout.splitlines()]
     assert close(lines, [{"question": q, **as_dict(qa.answer(q, c))} for q in qs])
-    assert "qs.txt:2: empty question (skipped)" in r.stderr and "qs.txt:3:" in r.stderr
+    assert "qs.txt:2: the question is empty (skipped)" in r.stderr and "qs.txt:3:" in r.stderr
     # JSONL on stdin: extra fields pass through, bad lines are reported skips, --top-k gives lists
     rows = [{"id": i, "question": q, "context": cc} for i, (q, cc) in enumerate(pairs[:5])]
     text = "\n".join([json.dumps(rows[0]), "{oops", json.dumps({"id": "x", "question": " ", "context": "c"}),
@@ -206,7 +206,7 @@ def test_cli_questions_file_and_stdin_jsonl(qa, checkpoint, pairs, tmp_path):
     want = [{"id": x["id"], "question": x["question"],
              "answers": [as_dict(a) for a in qa.answer(x["question"], x["context"], top_k=2)]} for x in rows]
     assert close([strict_loads(x) for x in r.stdout.splitlines()], want)
-    for msg in ("stdin:2: not valid JSON", "stdin:3: 'question' is empty", "stdin:4: not a JSON object",
+    for msg in ("stdin:2: not valid JSON", "stdin:3: the question is empty", "stdin:4: not a JSON object",
                 "stdin:5: missing field 'context'", "skipped 4 line(s), answered 5"):
         assert msg in r.stderr, r.stderr
 

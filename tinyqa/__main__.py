@@ -15,12 +15,14 @@ import collections
 import dataclasses
 import ipaddress
 import json
+import os
 import sys
 
 from .cli import (DTYPES, HelpFormatter, add_decoder_args, add_featurizer_args, add_inference_model_args, nonneg_int,
                   positive_int)
+from .answerer import text_problem
 from .errors import TinyQAError, cli_errors
-from .files import strict_json
+from .files import JSON_ERRORS, json_problem, strict_json
 
 
 def add_model_args(p):
@@ -76,7 +78,8 @@ def build_parser():
                        formatter_class=HelpFormatter)
     e.add_argument("--model", default="tinyroberta-mrqa", help="alias, hub id or local checkpoint directory")
     e.add_argument("--onnx", required=True, metavar="DIR", help="folder to write model.onnx and the tokenizer files to")
-    e.add_argument("--opset", type=positive_int, default=17, help="ONNX opset version")
+    e.add_argument("--opset", type=positive_int, default=17, help="ONNX opset version (14 or later)")
+    e.add_argument("--overwrite", action="store_true", help="replace an earlier export in --onnx (only its files)")
     sub.add_parser("demo", add_help=False,
                    help="offline end to end: synthetic data, teacher, distilled and CE-only students, evaluation "
                         "(python -m tinyqa demo --help for its flags)")
@@ -100,7 +103,7 @@ def main(argv=None):
             from .checks import check_output_dir
             from .export import export_command
             check_output_dir(args.onnx, "--onnx")
-            export_command(args.model, args.onnx, args.opset)
+            export_command(args.model, args.onnx, args.opset, args.overwrite)
 
 
 # --- answer
@@ -117,50 +120,57 @@ def answer_command(args):
     if args.question is not None and not args.question.strip():
         raise TinyQAError("--question is empty: give the question to answer")
     if args.questions is not None and args.questions != "-":
-        questions_file = open_text(args.questions, "--questions")
+        lines = binary_lines(open_binary(args.questions, "--questions"), args.questions)
     elif args.questions == "-" or args.question is None:
         if sys.stdin is None or sys.stdin.isatty():
             raise TinyQAError("no input: give --question and --context, --questions FILE and --context, "
                               'or pipe JSONL lines {"question": ..., "context": ...} into stdin')
-        questions_file = sys.stdin
-        if hasattr(sys.stdin, "reconfigure"):
-            sys.stdin.reconfigure(encoding="utf-8-sig")  # whatever the locale; a BOM is not part of line 1
+        lines = binary_lines(sys.stdin.buffer, "stdin")
     qa = load_answerer(args)
     options = dict(top_k=args.top_k)
-    if args.question is not None:
-        answers = qa.answer(args.question, context, **options)
-        print_one(answers, args.json)
-        return
-    skipped = []
-    if args.questions is not None:
-        name = "stdin" if args.questions == "-" else args.questions
-        rows = question_lines(questions_file, name, context, skipped)
-    else:
-        rows = jsonl_lines(questions_file, skipped)
-    qa.chunk_questions = args.chunk_size
-    n = 0
-    # answer_stream reads the rows lazily, a chunk at a time: their pairs go to the model, the rows wait
-    # in `pending` for their answers, which come back in the same order.
-    pending = collections.deque()
+    try:
+        if args.question is not None:
+            print_one(qa.answer(args.question, context, **options), args.json)
+            return
+        skipped = []
+        rows = question_rows(lines, context, skipped) if args.questions is not None else jsonl_rows(lines, skipped)
+        qa.chunk_questions = args.chunk_size
+        n = answer_rows(qa, rows, options, skipped)
+    except BrokenPipeError:  # the reader has all it wants (`| head -1`): not an error of ours
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nothing more to flush at exit
+        sys.exit(0)
+    if skipped:
+        print(f"skipped {len(skipped)} line(s), answered {n}", file=sys.stderr)
+    if n == 0:
+        raise TinyQAError("no questions to answer in the input" + (" (every line was skipped)" if skipped else ""))
+
+
+def answer_rows(qa, rows, options, skipped) -> int:
+    """Answer the (where, row) pairs a chunk at a time and print one JSON line per row, in input order: its fields but the
+    context, and its answer's. answer_stream reads the rows lazily: their pairs go to the model, the rows
+    wait in `pending` for their answers, which come back in the same order."""
+    pending, n = collections.deque(), 0
 
     def pairs():
-        for row in rows:
-            pending.append(row)
+        for where, row in rows:
+            pending.append((where, row))
             yield row["question"], row["context"]
 
     for answers in qa.answer_stream(pairs(), **options):
-        row = pending.popleft()
+        where, row = pending.popleft()
         out = {k: v for k, v in row.items() if k != "context"}
         if isinstance(answers, list):
             out["answers"] = [dataclasses.asdict(a) for a in answers]
         else:
             out.update(dataclasses.asdict(answers))
-        print(strict_json(out), flush=True)
+        try:
+            line = strict_json(out)
+        except RecursionError:  # a passed-through field nested deeper than JSON can be written back
+            skip(skipped, f"{where}: a field is nested too deeply to be written back (skipped)")
+            continue
+        print(line, flush=True)
         n += 1
-    if skipped:
-        print(f"skipped {len(skipped)} line(s), answered {n}", file=sys.stderr)
-    if n == 0:
-        raise TinyQAError("no questions to answer in the input" + (" (every line was skipped)" if skipped else ""))
+    return n
 
 
 def load_answerer(args):
@@ -181,9 +191,9 @@ def read_context(value):
     if not value.startswith("@"):
         text = value
     else:
-        with open_text(value[1:], "--context @FILE") as f:
+        with open_binary(value[1:], "--context @FILE") as f:
             try:
-                text = f.read()
+                text = f.read().decode("utf-8-sig")
             except UnicodeDecodeError as e:
                 raise TinyQAError(f"{value[1:]}: not UTF-8 text (byte {e.start}); convert it to UTF-8")
     if not text.strip():
@@ -192,53 +202,59 @@ def read_context(value):
     return text
 
 
-def open_text(path, flag):
+def open_binary(path, flag):
     try:
-        return open(path, encoding="utf-8-sig")  # -sig: a BOM is not part of the first question
+        return open(path, "rb")
     except IsADirectoryError:
         raise TinyQAError(f"{path}: is a directory ({flag} takes a file)")
     except OSError as e:
         raise TinyQAError(f"{path}: cannot read it ({e.strerror}) ({flag})")
 
 
-def question_lines(f, name, context, skipped):
-    """{"question", "context"} rows from a file of questions, one a line; blank lines are reported skips."""
-    lineno = 0
-    try:
-        for lineno, line in enumerate(f, 1):
-            q = line.rstrip("\r\n")
-            if not q.strip():
-                skip(skipped, f"{name}:{lineno}: empty question (skipped)")
-                continue
-            yield {"question": q, "context": context}
-    except UnicodeDecodeError:
-        raise TinyQAError(f"{name}: not UTF-8 text after line {lineno}; convert it to UTF-8")
-
-
-def jsonl_lines(f, skipped):
-    """{"question", "context", ...} rows from JSONL on stdin; malformed lines are reported skips."""
-    lineno = 0
-    while True:
+def binary_lines(f, name):
+    """(where, text or the UnicodeDecodeError) of each line, decoded one at a time, so one line of binary or
+    another encoding is one skipped line, not the end of the stream; a BOM is not part of line 1."""
+    for lineno, raw in enumerate(f, 1):
+        raw = raw.removeprefix(b"\xef\xbb\xbf") if lineno == 1 else raw
         try:
-            line = f.readline()
+            yield f"{name}:{lineno}", raw.decode("utf-8").rstrip("\r\n")
         except UnicodeDecodeError as e:
-            raise TinyQAError(f"stdin:{lineno + 1}: not UTF-8 text (byte {e.start}); convert it to UTF-8")
-        if not line:
-            return
-        lineno += 1
+            yield f"{name}:{lineno}", e
+
+
+def question_rows(lines, context, skipped):
+    """{"question", "context"} rows from a file of questions, one a line; bad lines are reported skips."""
+    for where, q in lines:
+        problem = "not UTF-8 text" if isinstance(q, UnicodeDecodeError) else text_problem("question", q)
+        if problem:
+            skip(skipped, f"{where}: {problem} (skipped)")
+            continue
+        yield where, {"question": q, "context": context}
+
+
+# What an answer line holds beside the input's own fields: an input field of one of these names would be
+# overwritten, so such a line is refused rather than answered with its field silently replaced.
+OUTPUT_FIELDS = ("text", "score", "start", "end", "logit_score", "answers")
+
+
+def jsonl_rows(lines, skipped):
+    """{"question", "context", ...} rows from JSONL on stdin; malformed lines are reported skips."""
+    for where, line in lines:
+        if isinstance(line, UnicodeDecodeError):
+            skip(skipped, f"{where}: not UTF-8 text (byte {line.start}) (skipped)")
+            continue
         if not line.strip():
             continue
-        where = f"stdin:{lineno}"
         try:
             row = json.loads(line)
-        except json.JSONDecodeError as e:
-            skip(skipped, f"{where}: not valid JSON ({e.msg} at column {e.colno}) (skipped)")
+        except JSON_ERRORS as e:
+            skip(skipped, f"{where}: {json_problem(e)} (skipped)")
             continue
         problem = row_problem(row)
         if problem:
             skip(skipped, f"{where}: {problem} (skipped)")
             continue
-        yield row
+        yield where, row
 
 
 def row_problem(row):
@@ -247,10 +263,12 @@ def row_problem(row):
     for key in ("question", "context"):
         if key not in row:
             return f"missing field '{key}'"
-        if not isinstance(row[key], str):
-            return f"'{key}' must be a string, not {type(row[key]).__name__}"
-        if not row[key].strip():
-            return f"'{key}' is empty"
+        problem = text_problem(key, row[key])
+        if problem:
+            return problem
+    taken = [k for k in OUTPUT_FIELDS if k in row]
+    if taken:
+        return f"field '{taken[0]}' is also an answer field and would be overwritten: rename it"
     return None
 
 

@@ -13,7 +13,7 @@ from dataclasses import replace
 
 import torch
 
-from .catalog import resolve_dir
+from .checks import check_device
 from .cpu import pack_for_cpu, quantize_int8
 from .decode import DecodeConfig, answer_example
 from .errors import TinyQAError
@@ -46,8 +46,11 @@ class QuestionAnswerer:
     chunk_chars = 2_000_000
 
     def __init__(self, model, tokenizer, fcfg=FeaturizerConfig(), dcfg=DecodeConfig(), batch_size=64, device="cpu"):
+        check_options(fcfg, dcfg)
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise TinyQAError(f"batch_size must be a whole number >= 1, not {batch_size!r}")
         self.model, self.tokenizer = model.eval(), tokenizer
-        self.fcfg, self.dcfg, self.batch_size, self.device = fcfg, dcfg, batch_size, device
+        self.fcfg, self.dcfg, self.batch_size, self.device = fcfg, dcfg, batch_size, str(check_device(device))
 
     @classmethod
     def from_pretrained(cls, name_or_path, device="cpu", dtype=torch.float32, quantize=None, fcfg=None,
@@ -57,6 +60,10 @@ class QuestionAnswerer:
         prepack: fp32 on an AVX-512 CPU, run the Linears through oneDNN with packed weights (pack_for_cpu:
         faster there, logits within a few 1e-6; the model is then for inference only). Other keywords (dcfg,
         batch_size) go to the constructor."""
+        if quantize not in (None, "int8"):
+            raise TinyQAError(f"quantize={quantize!r}: the only quantisation is 'int8' (or None for none)")
+        if not isinstance(prepack, bool):
+            raise TinyQAError(f"prepack must be True or False, not {prepack!r}")
         model = load_model(name_or_path, device=device, dtype=dtype)
         if quantize == "int8":
             model = quantize_int8(model)
@@ -107,20 +114,26 @@ class QuestionAnswerer:
     def _configs(self, top_k=None, max_answer_len=None, doc_stride=None, max_seq_len=None, max_question_len=None,
                  handle_impossible_answer=None, align_to_words=None):
         """(FeaturizerConfig, DecodeConfig) of one call: the answerer's, with the given options replaced."""
-        for name, v in (("top_k", top_k), ("max_answer_len", max_answer_len), ("max_seq_len", max_seq_len),
-                        ("max_question_len", max_question_len)):
-            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
-                raise TinyQAError(f"{name} must be a whole number >= 1, not {v!r}")
-        if doc_stride is not None and (isinstance(doc_stride, bool) or not isinstance(doc_stride, int) or doc_stride < 0):
-            raise TinyQAError(f"doc_stride must be a whole number >= 0, not {doc_stride!r}")
-        for name, v in (("handle_impossible_answer", handle_impossible_answer), ("align_to_words", align_to_words)):
-            if v is not None and not isinstance(v, bool):
-                raise TinyQAError(f"{name} must be true or false, not {v!r}")
         fcfg = replace(self.fcfg, **_given(max_seq_len=max_seq_len, doc_stride=doc_stride,
                                            max_question_len=max_question_len))
         dcfg = replace(self.dcfg, **_given(top_k=top_k, max_answer_len=max_answer_len,
                                            handle_impossible_answer=handle_impossible_answer, align_to_words=align_to_words))
+        check_options(fcfg, dcfg)
         return fcfg, dcfg
+
+
+def check_options(fcfg, dcfg):
+    """Every option of a call, whether given now or set on the answerer: whole numbers where counts are
+    meant (True is not 1), booleans where switches are."""
+    counts = {"top_k": dcfg.top_k, "max_answer_len": dcfg.max_answer_len, "n_best": dcfg.n_best,
+              "max_seq_len": fcfg.max_seq_len, "max_question_len": fcfg.max_question_len}
+    for name, v in {**counts, "doc_stride": fcfg.doc_stride}.items():
+        least = 0 if name == "doc_stride" else 1
+        if isinstance(v, bool) or not isinstance(v, int) or v < least:
+            raise TinyQAError(f"{name} must be a whole number >= {least}, not {v!r}")
+    for name in ("handle_impossible_answer", "align_to_words"):
+        if not isinstance(getattr(dcfg, name), bool):
+            raise TinyQAError(f"{name} must be true or false, not {getattr(dcfg, name)!r}")
 
 
 def _given(**kw):
@@ -154,11 +167,24 @@ def _checked(i, item):
     else:
         raise TinyQAError(f"input {i}: expected a (question, context) pair or a dict, not {type(item).__name__}")
     for name, v in (("question", q), ("context", c)):
-        if not isinstance(v, str):
-            raise TinyQAError(f"input {i}: {name} must be a string, not {type(v).__name__}")
-        if not v.strip():
-            raise TinyQAError(f"input {i}: the {name} is empty" + (" (only whitespace)" if v else ""))
+        problem = text_problem(name, v)
+        if problem:
+            raise TinyQAError(f"input {i}: {problem}")
     return q, c
+
+
+def text_problem(name, value):
+    """Why `value` cannot be a question or context (None when it can): not a string, empty, or not valid
+    Unicode (a lone surrogate such as "\\ud800", which JSON can spell but no tokenizer can encode)."""
+    if not isinstance(value, str):
+        return f"{name} must be a string, not {type(value).__name__}"
+    if not value.strip():
+        return f"the {name} is empty" + (" (only whitespace)" if value else "")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as e:
+        return f"the {name} is not valid Unicode ({value[e.start]!r} at character {e.start}: a lone surrogate)"
+    return None
 
 
 def _take_chunk(pairs, max_questions, max_chars):

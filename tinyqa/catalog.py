@@ -17,7 +17,7 @@ import socket
 import urllib.parse
 import urllib.request
 
-from .errors import TinyQAError
+from .errors import TinyQAError, missing
 
 
 def cache_root() -> str:
@@ -151,8 +151,8 @@ def resolve_dir(name_or_path: str, model=True, tokenizer=True, flag=None) -> str
         return name_or_path
     if os.path.exists(name_or_path):
         raise TinyQAError(f"{what}: is a file; give the checkpoint's directory (config.json, model.safetensors)")
-    if looks_like_path(name_or_path):
-        raise TinyQAError(f"{what}: no such directory")
+    if looks_like_path(name_or_path) or os.path.islink(name_or_path):
+        raise TinyQAError(f"{what}: {missing(name_or_path, 'no such directory')}")
     repo_id = ALIASES.get(name_or_path, name_or_path)
     if not re.fullmatch(r"[\w.-]+/[\w.-]+", repo_id):
         head = f"{flag} {name_or_path}: unknown model" if flag else f"unknown model {name_or_path!r}"

@@ -8,7 +8,7 @@ import os
 
 import torch
 
-from .errors import TinyQAError
+from .errors import TinyQAError, missing
 
 
 # --- output paths: checked before the work, written atomically after it (files.atomic_write)
@@ -28,8 +28,8 @@ def check_output_file(path, flag):
 
 def check_output_dir(path, flag):
     """A folder we will create (with its parents) or write into."""
-    if os.path.exists(path) and not os.path.isdir(path):
-        raise TinyQAError(f"{flag} {path}: exists and is not a directory")
+    if (os.path.exists(path) or os.path.islink(path)) and not os.path.isdir(path):
+        raise TinyQAError(f"{flag} {path}: " + (missing(path) if os.path.islink(path) else "exists and is not a directory"))
     existing = os.path.abspath(path)
     while not os.path.exists(existing):  # the nearest existing ancestor must let us create the rest
         existing = os.path.dirname(existing)
@@ -63,7 +63,7 @@ def check_input_files(paths, flag):
         if os.path.isdir(path):
             raise TinyQAError(f"{flag} {path}: is a directory, not a file")
         if not os.path.exists(path):
-            raise TinyQAError(f"{flag} {path}: no such file")
+            raise TinyQAError(f"{flag} {path}: {missing(path)}")
         if not os.access(path, os.R_OK):
             raise TinyQAError(f"{flag} {path}: not readable (permission denied)")
 

@@ -8,7 +8,7 @@ header or a context line. So every entry that takes MRQA files (evaluate.py --da
 import os
 from typing import Iterator, Optional
 
-from .errors import TinyQAError
+from .errors import TinyQAError, missing
 from .examples import Example, QidIndex, ReadReport
 from .mrqa import read_mrqa
 from .squad import is_squad_json, read_squad
@@ -19,7 +19,7 @@ def read_examples(path, skip_bad=False, report: Optional[ReadReport] = None,
     """Stream the Examples of one MRQA or SQuAD file (see the readers for what each checks)."""
     path = str(path)
     if not os.path.exists(path):
-        raise TinyQAError(f"{path}: no such file")
+        raise TinyQAError(f"{path}: {missing(path)}")
     reader = read_squad if is_squad_json(path) else read_mrqa
     return reader(path, skip_bad, report, qids)
 

@@ -3,12 +3,22 @@
 Library code raises `TinyQAError` with a message that says what was wrong, where (file, line, field),
 and what to do; scripts wrap their body in `cli_errors()` so the user sees that line, not a traceback.
 """
+import os
 import sys
 from contextlib import contextmanager
 
 
 class TinyQAError(Exception):
     pass
+
+
+def missing(path, what="no such file") -> str:
+    """Why `path` cannot be opened though it was named: `what` (no such file or directory), or, for a name
+    that is there but leads nowhere, a broken symbolic link or a loop of them (which os.path.exists calls
+    missing too)."""
+    if os.path.islink(path):
+        return "a broken symbolic link (or a loop of links): it leads to no file"
+    return what
 
 
 @contextmanager

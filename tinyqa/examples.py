@@ -22,6 +22,7 @@ class Example:
     answers: list  # gold answer strings, for the metric; empty for an unanswerable SQuAD 2.0 question
     span: Optional[tuple] = None  # (start, end) with EXCLUSIVE end: the first gold answer's characters
     dataset: str = ""
+    span_matches: bool = True  # False: the span's text is not its answer's, even after normalisation
 
 
 @dataclass

@@ -24,6 +24,7 @@ tokens (DeBERTa) cover the space before the word, and without the trim an answer
 exact, stripped substrings of the context in every family. Nothing is padded here; `collate` pads a batch
 to its longest feature with the model's pad id.
 """
+import sys
 from dataclasses import dataclass
 from functools import cached_property
 from itertools import chain
@@ -119,12 +120,26 @@ def check_model_fits(cfg, tokenizer, max_seq_len: int, name: str = "the model"):
     if n_vocab > cfg.vocab_size:
         raise TinyQAError(f"the tokenizer has {n_vocab} tokens but {name} only {cfg.vocab_size} embeddings: "
                           "it is not this model's tokenizer (pass --tokenizer with the right one)")
+    if n_vocab < 0.9 * cfg.vocab_size:
+        _notice_once(f"notice: the tokenizer has {n_vocab} tokens and {name} {cfg.vocab_size} embeddings: if it is "
+                     "not the model's own tokenizer, every answer is wrong (a model's rows beyond its tokenizer "
+                     "are usually a few, for alignment)")
     if layout.pad_id is not None and layout.pad_id != cfg.pad_token_id:
         raise TinyQAError(f"the tokenizer's pad id is {layout.pad_id} but {name}'s pad_token_id is "
                           f"{cfg.pad_token_id}: it is not this model's tokenizer")
     if cfg.type_vocab_size > 0 and layout.max_type >= cfg.type_vocab_size:
         raise TinyQAError(f"the tokenizer gives token type {layout.max_type} but {name} has type_vocab_size "
                           f"{cfg.type_vocab_size}: it is not this model's tokenizer")
+
+
+_NOTICES = set()
+
+
+def _notice_once(message):
+    """A notice on stderr, once per process: check_model_fits runs for every chunk of a long evaluation."""
+    if message not in _NOTICES:
+        _NOTICES.add(message)
+        print(message, file=sys.stderr)
 
 
 def window_ranges(n_context: np.ndarray, budget: np.ndarray, doc_stride: int):

@@ -6,8 +6,8 @@
 - `building(folder)`: the same for a whole folder (the feature store, the teacher's logits): built under a
   unique temporary name beside it and renamed into place, so its name only ever points at a complete one.
 - `lock(path)`: one process at a time builds such a folder; the others wait, then read it.
-- `file_sha256(path)`: the content hash that keys those caches, remembered per (path, size, mtime, ctime,
-  inode) so that a multi-GB teacher is hashed once, not on every run.
+- `digest(path)`: a file's content hash: what keys those caches (never a file's name, size or times, which
+  a copy with `cp -p` or `rsync -a` keeps) and what they are verified against when read.
 - `RowFile`: a flat on-disk array (the feature store's token ids, the teacher's logits) read by row ranges.
 """
 import errno
@@ -27,9 +27,9 @@ from .errors import TinyQAError
 
 
 def disk_error(path, e):
-    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+    if getattr(e, "errno", None) in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
         return TinyQAError(f"{path}: the disk is full ({e.strerror}); free space and run again")
-    return TinyQAError(f"{path}: cannot write ({e.strerror or e})")
+    return TinyQAError(f"{path}: cannot write ({getattr(e, 'strerror', None) or e})")
 
 
 @contextmanager
@@ -79,32 +79,6 @@ def digest(path, algorithm="sha256") -> str:
     return h.hexdigest()
 
 
-def file_sha256(path, memo_file=None) -> str:
-    """sha256 of a file's bytes. With memo_file, the hash is remembered there per (absolute path, size,
-    mtime_ns, ctime_ns, inode): rewriting a file changes its ctime, which no tool can set back, so a
-    remembered hash is only reused for the very same file. Hashing a 1.4 GB roberta-large takes seconds;
-    the memo makes later runs instant."""
-    st = os.stat(path)
-    ident = f"{os.path.abspath(path)}|{st.st_size}|{st.st_mtime_ns}|{st.st_ctime_ns}|{st.st_ino}"
-    memo = {}
-    if memo_file and os.path.exists(memo_file):
-        try:
-            with open(memo_file) as f:
-                memo = json.load(f)
-        except (OSError, ValueError):
-            memo = {}  # a damaged memo only costs a rehash
-    if ident in memo:
-        return memo[ident]
-    sha = digest(path)
-    if memo_file:
-        memo[ident] = sha
-        try:
-            write_json(memo_file, memo, indent=0)
-        except TinyQAError:
-            pass  # the memo is an optimisation; a read-only cache folder must not fail the run
-    return sha
-
-
 @contextmanager
 def lock(path, log=print, what="the same cache"):
     """An exclusive lock on `path` for as long as the block runs; the OS drops it if the process dies."""
@@ -131,7 +105,8 @@ def building(folder, is_complete):
 
     tmp is a unique folder beside `folder`; a kill leaves only it, which later builds ignore (and remove
     once it is an hour old). If another process (without the lock) renamed a complete `folder` first,
-    ours is dropped. An error removes tmp and is raised; an OSError as one line (a full disk says so)."""
+    ours is dropped; a `folder` that is there but incomplete (no key file) is replaced. An error removes
+    tmp and is raised; an OSError as one line (a full disk says so)."""
     root = os.path.dirname(folder)
     for old in glob.glob(glob.escape(folder) + ".tmp-*"):
         if time.time() - os.path.getmtime(old) > 3600:
@@ -141,15 +116,53 @@ def building(folder, is_complete):
         try:
             os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700; a shared cache must stay readable by others
             yield tmp
+            fsync_tree(tmp)  # every byte on disk before the rename makes the folder visible
             try:
                 os.rename(tmp, folder)  # atomic; refused if another process got there first
             except OSError:
-                if not is_complete(folder):
-                    raise
+                if is_complete(folder):
+                    return
+                shutil.rmtree(folder)  # a folder of that name that never completed (or lost its key file)
+                os.rename(tmp, folder)
+            fsync_tree(root, files=False)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)  # gone already unless something failed
     except OSError as e:
         raise disk_error(folder, e) from e
+
+
+def fsync_tree(folder, files=True):
+    """fsync every file in folder (not below it) and the folder itself: what a rename makes visible must
+    be on disk first, and the rename itself must be on disk before a cache or checkpoint is reported."""
+    if files:
+        for name in os.listdir(folder):
+            path = os.path.join(folder, name)
+            if os.path.isfile(path):
+                fd = os.open(path, os.O_RDONLY)
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+    if hasattr(os, "O_DIRECTORY"):  # directories cannot be opened for fsync on Windows
+        fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def verify_digests(folder, digests, what):
+    """Refuse a cache folder whose files are not the bytes recorded when it was built (damaged, zeroed,
+    truncated or replaced since), naming the folder and the fix."""
+    for name, want in digests.items():
+        path = os.path.join(folder, name)
+        try:
+            got = digest(path)
+        except OSError as e:
+            got = f"unreadable ({e.strerror})"
+        if got != want:
+            raise TinyQAError(f"{folder}: damaged {what}: {name} is not what was written when it was built; "
+                              "delete the folder and run again to rebuild it")
 
 
 def chunks(iterable, n):
@@ -162,6 +175,20 @@ def chunks(iterable, n):
             chunk = []
     if chunk:
         yield chunk
+
+
+# What json.loads raises on text it will not turn into a value: JSONDecodeError (a ValueError) for bad
+# syntax, another ValueError for an integer of more than 4,300 digits, RecursionError for deep nesting.
+JSON_ERRORS = (ValueError, RecursionError)
+
+
+def json_problem(e) -> str:
+    """One line saying why json.loads refused a text (one of JSON_ERRORS)."""
+    if isinstance(e, json.JSONDecodeError):
+        return f"not valid JSON ({e.msg} at line {e.lineno} column {e.colno})"
+    if isinstance(e, RecursionError):
+        return "not usable JSON (nested too deeply)"
+    return f"not usable JSON ({str(e).split(':')[0]})"
 
 
 def finite(x):
@@ -185,9 +212,9 @@ def read_json(path, what="JSON", kind=dict):
     try:
         with open(path, encoding="utf-8") as f:
             value = json.load(f)
-    except (OSError, UnicodeDecodeError, ValueError) as e:
-        raise TinyQAError(f"{path}: cannot read {what} ({type(e).__name__}: {e}); the file is damaged: "
-                          "restore or delete it")
+    except (OSError, UnicodeDecodeError, *JSON_ERRORS) as e:
+        why = json_problem(e) if isinstance(e, JSON_ERRORS) and not isinstance(e, UnicodeDecodeError) else e
+        raise TinyQAError(f"{path}: cannot read {what} ({why}); the file is damaged: restore or delete it")
     if not isinstance(value, kind):
         raise TinyQAError(f"{path}: {what} must be a JSON {kind.__name__}, not a {type(value).__name__}")
     return value

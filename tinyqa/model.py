@@ -90,7 +90,7 @@ class EncoderConfig:
     conv_kernel_size: int = 0
 
     def __post_init__(self):
-        if self.family not in FAMILY_DEFAULTS:
+        if not isinstance(self.model_type, str) or self.family not in FAMILY_DEFAULTS:
             raise ValueError(f"config: model_type={self.model_type!r} is not supported "
                              f"(roberta, xlm-roberta, bert, electra, deberta-v2)")
         for k, v in FAMILY_DEFAULTS[self.family].items():
@@ -100,6 +100,7 @@ class EncoderConfig:
             self.embedding_size = self.hidden_size
         if isinstance(self.pos_att_type, str):  # "p2c|c2p", as older DeBERTa configs write it
             self.pos_att_type = [x.strip() for x in self.pos_att_type.lower().split("|")]
+        self._check_values()
         # Refuse what this encoder does not implement instead of silently computing something else.
         refuse = []
         if self.hidden_act != "gelu":
@@ -120,6 +121,39 @@ class EncoderConfig:
                        if getattr(self, k) != v]
             if sorted(self.pos_att_type or []) != ["c2p", "p2c"]:
                 refuse.append(f"pos_att_type={self.pos_att_type!r} is not supported (DeBERTa-v3 has ['p2c', 'c2p'])")
+        if refuse:
+            raise ValueError("config: " + "; ".join(refuse))
+
+    def _check_values(self):
+        """Values that make no model: sizes that are not positive whole numbers, ids outside the vocabulary,
+        rates outside [0, 1), a LayerNorm epsilon that is not a positive number. Refused by name, before
+        a division by zero or a shape error deep inside the model could say it less clearly."""
+        def whole(v, least):
+            return isinstance(v, int) and not isinstance(v, bool) and v >= least
+        refuse = [f"{k}={getattr(self, k)!r} must be a whole number >= 1" for k in
+                  ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
+                   "max_position_embeddings", "embedding_size") if not whole(getattr(self, k), 1)]
+        refuse += [f"type_vocab_size={self.type_vocab_size!r} must be a whole number >= 0"] \
+            if not whole(self.type_vocab_size, 0) else []
+        for k in ("pad_token_id", "bos_token_id", "eos_token_id"):
+            v = getattr(self, k)
+            if v is not None and not (whole(v, 0) and (not whole(self.vocab_size, 1) or v < self.vocab_size)):
+                refuse.append(f"{k}={v!r} must be a token id in [0, vocab_size)")
+        real = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)  # noqa: E731
+        for k in ("hidden_dropout_prob", "attention_probs_dropout_prob"):
+            if not (real(getattr(self, k)) and 0 <= getattr(self, k) < 1):
+                refuse.append(f"{k}={getattr(self, k)!r} must be a number in [0, 1)")
+        if not (real(self.layer_norm_eps) and self.layer_norm_eps > 0):
+            refuse.append(f"layer_norm_eps={self.layer_norm_eps!r} must be a positive number")
+        if not (real(self.initializer_range) and self.initializer_range >= 0):
+            refuse.append(f"initializer_range={self.initializer_range!r} must be a number >= 0")
+        if not (isinstance(self.max_relative_positions, int) and not isinstance(self.max_relative_positions, bool)):
+            refuse.append(f"max_relative_positions={self.max_relative_positions!r} must be a whole number")
+        if self.family != "deberta-v2" and self.relative_attention:
+            refuse.append(f"relative_attention={self.relative_attention!r} is DeBERTa's; {self.model_type} has none")
+        if not refuse and self.family == "roberta" and self.max_position_embeddings <= self.pad_token_id + 1:
+            refuse.append(f"max_position_embeddings={self.max_position_embeddings} leaves no position for a token "
+                          f"(RoBERTa numbers them from pad_token_id + 1 = {self.pad_token_id + 1})")
         if refuse:
             raise ValueError("config: " + "; ".join(refuse))
 

@@ -14,6 +14,7 @@ from typing import Iterator, Optional
 
 from .errors import TinyQAError
 from .examples import Example, QidIndex, ReadReport, file_stem, is_int, open_binary, qid_problem, report_bad
+from .files import JSON_ERRORS, json_problem
 from .metrics import normalize_answer
 
 
@@ -55,7 +56,8 @@ class _Cut(Exception):
 
 
 def _check_qa(qa, i, context):
-    """(qid, question, answers, span or None, warnings) of one question; raises _BadLine naming the field."""
+    """(qid, question, answers, span or None, warnings, whether the span's text matches) of one question;
+    raises _BadLine naming the field."""
     if not isinstance(qa, dict):
         raise _BadLine(f"qas[{i}] is a {type(qa).__name__}, not an object", question=True)
     for key in ("qid", "question", "answers"):
@@ -75,7 +77,7 @@ def _check_qa(qa, i, context):
     dets = qa.get("detected_answers") or []
     if not isinstance(dets, list):
         raise _BadLine(f"{at}: 'detected_answers' must be a list", question=True)
-    span, warnings = None, []
+    span, span_matches, warnings = None, True, []
     for j, det in enumerate(dets):
         if not isinstance(det, dict) or not isinstance(det.get("char_spans", []), list):
             raise _BadLine(f"{at}: detected_answers[{j}] must be an object with a 'char_spans' list", question=True)
@@ -92,12 +94,13 @@ def _check_qa(qa, i, context):
             # are expected; compared after the official metric's normalisation, any other difference means
             # the offsets point at the wrong text (e.g. computed on another version of the context).
             found = context[cs[0]:cs[1] + 1]
-            if isinstance(text, str) and found != text and normalize_answer(found) != normalize_answer(text):
+            matches = not isinstance(text, str) or found == text or normalize_answer(found) == normalize_answer(text)
+            if not matches:
                 warnings.append(f"{at}: detected_answers[{j}].char_spans[{k}] gives {found[:40]!r}, its text "
                                 f"is {text[:40]!r}")
             if span is None:
-                span = (cs[0], cs[1] + 1)  # inclusive end -> exclusive end
-    return str(qid), question, list(answers), span, warnings
+                span, span_matches = (cs[0], cs[1] + 1), matches  # inclusive end -> exclusive end
+    return str(qid), question, list(answers), span, warnings, span is None or span_matches
 
 
 def _parse_line(row):
@@ -130,7 +133,7 @@ def dataset_name(path) -> str:
             if isinstance(first, dict) and isinstance(first.get("header"), dict) and first["header"].get("dataset"):
                 return str(first["header"]["dataset"])
             break
-    except (_Cut, ValueError):
+    except (_Cut, *JSON_ERRORS):
         pass  # the read proper reports what is wrong with the file
     return file_stem(path)
 
@@ -160,8 +163,8 @@ def read_mrqa(path, skip_bad=False, report: Optional[ReadReport] = None,
                 continue
             try:
                 row = json.loads(text)
-            except json.JSONDecodeError as e:
-                report_bad(where, f"not valid JSON ({e.msg} at column {e.colno})", skip_bad, report)
+            except JSON_ERRORS as e:
+                report_bad(where, json_problem(e), skip_bad, report)
                 continue
             if isinstance(row, dict) and "header" in row:
                 if lineno != 1:
@@ -176,12 +179,12 @@ def read_mrqa(path, skip_bad=False, report: Optional[ReadReport] = None,
                 if isinstance(item, _BadLine):
                     report_bad(where, str(item), skip_bad, report)
                     continue
-                qid, question, answers, span, warnings = item
+                qid, question, answers, span, warnings, span_matches = item
                 if not qids.add(qid, path, lineno):
                     report_bad(where, qids.duplicate(qid), skip_bad, report)
                     continue
                 report.warnings += [f"{where}: {w}" for w in warnings]
-                yield Example(qid, question, context, answers, span, name)
+                yield Example(qid, question, context, answers, span, name, span_matches)
     except _Cut as cut:
         report_bad(f"{path}:{cut.lineno}", f"the file is cut or corrupt here ({type(cut.error).__name__}: {cut.error})",
                    skip_bad, report, advice="download it again, or pass --skip-bad to use the lines before this one")

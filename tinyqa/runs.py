@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from .errors import TinyQAError
-from .files import atomic_write, disk_error, read_json
+from .files import atomic_write, disk_error, fsync_tree, read_json
 from .weights import save_pretrained
 
 # Arguments of how a run is executed, not of what it computes: free to change on --resume.
@@ -137,7 +137,9 @@ class RunLog:
 
 def save_checkpoint(folder, model, tokenizer, args, state=None):
     """HF-layout model folder + args.json (+ training_state.pt for --resume). A checkpoint folder is
-    written under a temporary name and renamed, so a kill never leaves a half-written checkpoint."""
+    written under a temporary name, synced to disk and renamed, so a kill or a full disk never leaves a
+    half-written checkpoint: a write that fails (torch.save and safetensors report a full disk as their
+    own errors, not as OSError) stops the run naming the newest complete checkpoint to resume from."""
     tmp = folder.rstrip("/") + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     try:
@@ -146,11 +148,18 @@ def save_checkpoint(folder, model, tokenizer, args, state=None):
             json.dump(saved_args(args), f, indent=2)
         if state is not None:
             torch.save(state, os.path.join(tmp, "training_state.pt"))
+        fsync_tree(tmp)
         shutil.rmtree(folder, ignore_errors=True)
         os.replace(tmp, folder)
-    except OSError as e:
+        fsync_tree(os.path.dirname(os.path.abspath(folder)), files=False)
+    except Exception as e:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise disk_error(folder, e) from e
+        done = checkpoints(os.path.dirname(os.path.abspath(folder)))
+        resume = f"; continue with --resume {done[-1][1]}" if done else ""
+        first_line = (str(e).strip().splitlines() or [""])[0][:120]
+        cause = disk_error(folder, e) if isinstance(e, OSError) else \
+            f"{folder}: cannot write ({type(e).__name__}: {first_line}); if the disk is full, free space"
+        raise TinyQAError(f"{cause}{resume}") from e
 
 
 def save_final(out, model, tokenizer, args):

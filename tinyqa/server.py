@@ -18,6 +18,7 @@ option), 411 (no Content-Length) or 413 (a body over --max-body-bytes, never rea
 """
 import html
 import json
+import re
 import sys
 import threading
 import traceback
@@ -25,7 +26,7 @@ from dataclasses import asdict
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from .errors import TinyQAError
-from .files import strict_json
+from .files import JSON_ERRORS, json_problem, strict_json
 
 OPTIONS = ("top_k", "max_answer_len", "max_seq_len", "doc_stride", "max_question_len", "handle_impossible_answer",
            "align_to_words")
@@ -38,8 +39,8 @@ def parse_request(body: bytes):
         req = json.loads(body.decode("utf-8"))
     except UnicodeDecodeError as e:
         raise TinyQAError(f"the body is not UTF-8 (byte {e.start})")
-    except json.JSONDecodeError as e:
-        raise TinyQAError(f"the body is not valid JSON ({e.msg} at line {e.lineno} column {e.colno})")
+    except JSON_ERRORS as e:
+        raise TinyQAError(f"the body is {json_problem(e)}")
     if not isinstance(req, dict):
         raise TinyQAError('the body must be a JSON object: {"question": ..., "context": ...}')
     unknown = sorted(set(req) - {"question", "context", "inputs", *OPTIONS})
@@ -89,9 +90,10 @@ class Handler(BaseHTTPRequestHandler):
         if self.path.split("?", 1)[0] != "/answer":
             return self.send_json(404, {"error": "POST to /answer"})
         length = self.headers.get("Content-Length")
-        if length is None or not length.isdigit():
+        if length is None or not re.fullmatch(r"[0-9]{1,15}", length.strip()):
             self.close_connection = True
-            return self.send_json(411, {"error": "a Content-Length header is required"})
+            return self.send_json(411 if length is None else 400,
+                                  {"error": "a Content-Length header (a whole number of bytes) is required"})
         length, limit = int(length), self.server.max_body_bytes
         if length > limit:
             # Not read into memory, but drained (up to 16 MB) before the connection closes: closing a socket
@@ -118,6 +120,31 @@ class Handler(BaseHTTPRequestHandler):
             return self.send_json(500, {"error": f"internal error ({type(e).__name__}): see the server's log"})
         answers = [[asdict(a) for a in (r if isinstance(r, list) else [r])] for r in results]
         self.send_json(200, {"answers": answers})
+
+    def do_other(self):
+        path = self.path.split("?", 1)[0]
+        allow = {"/": "GET", "/health": "GET", "/answer": "POST"}.get(path)
+        if allow is None:
+            return self.send_json(404, {"error": f"no such page {path}: try /, /health or POST /answer"})
+        self.send_json(405, {"error": f"{self.command} is not served here: {allow} {path}"}, {"Allow": allow})
+
+    do_PUT = do_DELETE = do_PATCH = do_OPTIONS = do_TRACE = do_CONNECT = do_HEAD = do_other
+
+    def send_error(self, code, message=None, explain=None):
+        """http.server's own errors (a malformed request line, an unknown method, headers too long) as JSON,
+        like every other answer of this server, not its HTML page."""
+        self.close_connection = True
+        try:
+            self.send_json(code, {"error": message or self.responses.get(code, ("error",))[0]})
+        except OSError:
+            pass  # the client is gone
+
+    def handle(self):
+        """One connection; a client that hangs up or stalls mid-request costs one log line, not a traceback."""
+        try:
+            super().handle()
+        except (ConnectionError, TimeoutError) as e:
+            self.log_message("connection dropped: %s", type(e).__name__)
 
     def send_json(self, status, obj, headers=None):
         self.send(status, strict_json(obj).encode(), "application/json", headers)

@@ -14,10 +14,12 @@ files (evaluate.py --data, the training scripts' --train and --eval-data) takes 
 """
 import json
 import re
+import zlib
 from typing import Iterator, Optional
 
 from .errors import TinyQAError
-from .examples import Example, QidIndex, ReadReport, file_stem, open_binary, report_bad
+from .files import JSON_ERRORS, json_problem
+from .examples import Example, QidIndex, ReadReport, file_stem, is_int, open_binary, qid_problem, report_bad
 
 _START = re.compile(rb'^\s*\{\s*"(data|version)"\s*:')
 
@@ -37,13 +39,12 @@ def _load(path):
     try:
         with open_binary(path, "a SQuAD file") as f:
             return json.loads(f.read().decode("utf-8-sig"))
-    except (OSError, EOFError) as e:
+    except (OSError, EOFError, zlib.error) as e:
         raise TinyQAError(f"{path}: cannot be read as SQuAD JSON ({type(e).__name__}: {e})")
     except UnicodeDecodeError as e:
         raise TinyQAError(f"{path}: not UTF-8 (byte {e.start}); SQuAD files are UTF-8 JSON")
-    except json.JSONDecodeError as e:
-        raise TinyQAError(f"{path}:{e.lineno}: not valid JSON ({e.msg} at column {e.colno}); a SQuAD file is one "
-                          "JSON object {\"version\", \"data\"}")
+    except JSON_ERRORS as e:
+        raise TinyQAError(f"{path}: {json_problem(e)}; a SQuAD file is one JSON object {{\"version\", \"data\"}}")
 
 
 def read_squad(path, skip_bad=False, report: Optional[ReadReport] = None,
@@ -64,8 +65,9 @@ def read_squad(path, skip_bad=False, report: Optional[ReadReport] = None,
             continue
         for j, par in enumerate(paragraphs):
             where = f"{path}: data[{i}].paragraphs[{j}]"
-            if not isinstance(par, dict) or not isinstance(par.get("context"), str) or not isinstance(par.get("qas"), list):
-                report_bad(where, "needs a \"context\" string and a \"qas\" list", skip_bad, report, ADVICE)
+            if not isinstance(par, dict) or not isinstance(par.get("context"), str) or not par["context"].strip() \
+                    or not isinstance(par.get("qas"), list):
+                report_bad(where, "needs a non-empty \"context\" string and a \"qas\" list", skip_bad, report, ADVICE)
                 continue
             context = par["context"]  # one str object shared by the paragraph's questions: tokenized once
             for k, qa in enumerate(par["qas"]):
@@ -85,22 +87,33 @@ ADVICE = "fix it, or pass --skip-bad to skip and count such questions"
 
 
 def _example(qa, context):
+    """The Example of one question, or ValueError saying which field is wrong: the checks the MRQA reader
+    makes (a usable id, a non-empty question, non-empty answer texts at offsets inside the context), so
+    that a SQuAD file can never train a label or score an answer that the MRQA form of it would refuse."""
     if not isinstance(qa, dict):
         raise ValueError("not a JSON object")
     for key in ("id", "question", "answers"):
         if key not in qa:
             raise ValueError(f"missing field '{key}'")
     qid = qa["id"]
-    if not isinstance(qa["question"], str) or not isinstance(qa["answers"], list):
-        raise ValueError(f"(id {qid}) 'question' must be a string and 'answers' a list")
-    impossible = bool(qa.get("is_impossible", False))
+    if qid_problem(qid):
+        raise ValueError(f"'id' {qid_problem(qid)}")
+    question, impossible = qa["question"], qa.get("is_impossible", False)
+    if not isinstance(question, str) or not question.strip():
+        raise ValueError(f"(id {qid}) 'question' must be a non-empty string, not {json.dumps(question)[:40]}")
+    if not isinstance(qa["answers"], list):
+        raise ValueError(f"(id {qid}) 'answers' must be a list, not {json.dumps(qa['answers'])[:40]}")
+    if not isinstance(impossible, bool):
+        raise ValueError(f"(id {qid}) 'is_impossible' must be true or false, not {json.dumps(impossible)[:20]}")
     answers, span = [], None
     for n, a in enumerate(qa["answers"]):
-        if not (isinstance(a, dict) and isinstance(a.get("text"), str) and isinstance(a.get("answer_start"), int)):
-            raise ValueError(f"(id {qid}) answers[{n}] needs a 'text' string and an 'answer_start' integer")
-        start, text = a["answer_start"], a["text"]
-        if context[start:start + len(text)] != text:
-            raise ValueError(f"(id {qid}) answers[{n}] {text!r} is not at answer_start {start} of the context")
+        text, start = (a.get("text"), a.get("answer_start")) if isinstance(a, dict) else (None, None)
+        if not (isinstance(text, str) and text.strip() and is_int(start)):
+            raise ValueError(f"(id {qid}) answers[{n}] needs a non-empty 'text' string and an 'answer_start' "
+                             f"integer, not {json.dumps(a)[:60]}")
+        if not 0 <= start <= len(context) - len(text) or context[start:start + len(text)] != text:
+            raise ValueError(f"(id {qid}) answers[{n}] {text[:40]!r} is not at answer_start {start} of the "
+                             f"context (length {len(context)})")
         answers.append(text)
         if span is None:
             span = (start, start + len(text))  # answer_start + len(text): already an exclusive end
@@ -108,4 +121,4 @@ def _example(qa, context):
         raise ValueError(f"(id {qid}) is_impossible but has answers")
     if not impossible and not answers:
         raise ValueError(f"(id {qid}) has no answers and is not marked is_impossible")
-    return Example(str(qid), qa["question"], context, answers, span)
+    return Example(str(qid), question, context, answers, span)

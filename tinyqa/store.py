@@ -34,7 +34,7 @@ from .data import stream_files
 from .errors import TinyQAError
 from .examples import ReadReport
 from .features import cut_windows, encode, pad_batch, pair_layout
-from .files import RowFile, building, chunks, file_sha256, lock
+from .files import RowFile, building, chunks, digest, lock, verify_digests
 
 CHUNK_QUESTIONS = 2000  # examples featurized together: bounds the memory of a build
 
@@ -43,10 +43,9 @@ def default_root():
     return os.path.join(cache_root(), "features")
 
 
-def store_key(root, files, tokenizer, fcfg, limit, skip_bad):
+def store_key(files, tokenizer, fcfg, limit, skip_bad):
     """(key, what it was made of): everything that changes a window, a label or their order."""
-    memo = os.path.join(root, "hashes.json")
-    info = {"data": [[os.path.basename(p), file_sha256(p, memo)] for p in files], "limit": limit, "skip_bad": skip_bad,
+    info = {"data": [[os.path.basename(p), digest(p)] for p in files], "limit": limit, "skip_bad": skip_bad,
             "tokenizer": hashlib.sha256(tokenizer.to_str().encode()).hexdigest()[:24],
             "featurizer": [fcfg.max_seq_len, fcfg.doc_stride, fcfg.max_question_len], "format": 1}
     return hashlib.sha256(json.dumps(info, sort_keys=True).encode()).hexdigest()[:24], info
@@ -56,14 +55,15 @@ def is_complete(folder):
     return os.path.exists(os.path.join(folder, "key.json"))  # written last, inside the temporary folder
 
 
-def open_store(root, files, tokenizer, fcfg, limit=None, skip_bad=False, log=print, progress=True):
+def open_store(root, files, tokenizer, fcfg, limit=None, skip_bad=False, log=print, progress=True, vocab_size=None):
     """The store of these files and settings: reused when it exists, else built first (by whichever process
-    takes the lock first; the others wait for it)."""
+    takes the lock first; the others wait for it). Its files are checked against the digests recorded at
+    build time, and its token ids against the model's vocab_size, before any of it is used."""
     try:
         os.makedirs(root, exist_ok=True)
     except OSError as e:
         raise TinyQAError(f"--feature-store {root}: cannot create it ({e.strerror})")
-    key, info = store_key(root, files, tokenizer, fcfg, limit, skip_bad)
+    key, info = store_key(files, tokenizer, fcfg, limit, skip_bad)
     folder = os.path.join(root, key)
     reused = is_complete(folder)
     if not reused:
@@ -74,10 +74,14 @@ def open_store(root, files, tokenizer, fcfg, limit=None, skip_bad=False, log=pri
     else:
         log(f"training windows: reusing {folder}")
     store = FeatureStore(folder, pair_layout(tokenizer))
-    left_out = {k: store.info.get(k, 0) for k in ("no_span", "skipped")}
+    if vocab_size is not None and store.info["max_id"] >= vocab_size:
+        raise TinyQAError(f"{folder}: the feature store holds token id {store.info['max_id']} but the model has "
+                          f"{vocab_size} embeddings: not this model's store; delete the folder to rebuild it")
+    left_out = {k: store.info.get(k, 0) for k in ("no_span", "bad_span", "skipped")}
     if reused and any(left_out.values()):  # said when it was built; said again, so no run is silent about it
-        log(f"notice: the store leaves out {left_out['no_span']} question(s) without an answer span and "
-            f"{left_out['skipped']} malformed line(s) or question(s) skipped with --skip-bad")
+        log(f"notice: the store leaves out {left_out['no_span']} question(s) without an answer span, "
+            f"{left_out['bad_span']} whose span does not hold their answer text and {left_out['skipped']} "
+            "malformed line(s) or question(s) skipped with --skip-bad")
     return store
 
 
@@ -88,14 +92,15 @@ def build(files, tokenizer, fcfg, limit, skip_bad, folder, info, log=print, prog
     from tqdm import tqdm
     layout = pair_layout(tokenizer)
     dtype = np.uint16 if tokenizer.get_vocab_size(with_added_tokens=True) <= 65536 else np.int32
-    report, no_span = ReadReport(), []
-    lengths, meta, n = [], [], {"examples": 0, "tokens": 0, "no_span": 0}
+    report, left_out = ReadReport(), {"no_span": [], "bad_span": []}  # the first few qids of each
+    lengths, meta, n = [], [], {"examples": 0, "tokens": 0, "max_id": 0, "no_span": 0, "bad_span": 0}
     with building(folder, is_complete) as tmp, tqdm(desc="featurize", unit=" windows", disable=not progress) as bar:
         with open(os.path.join(tmp, "ids.bin"), "wb") as f, ThreadPoolExecutor(max_workers=1) as tokenizing:
 
             def write(examples, encoding):  # one chunk's windows appended to ids.bin, lengths and meta
                 table = cut_windows(examples, encoding.result(), layout, fcfg)
                 f.write(table.input_ids.astype(dtype).tobytes())
+                n["max_id"] = max(n["max_id"], int(table.input_ids.max(initial=0)))
                 lengths.append(np.diff(table.bounds))
                 meta.append(np.stack([n["examples"] + table.example_index, table.start_label, table.end_label,
                                       table.n_prefix], axis=1).astype(np.int32))
@@ -106,10 +111,7 @@ def build(files, tokenizer, fcfg, limit, skip_bad, folder, info, log=print, prog
             examples = (ex for _, ex in stream_files(files, limit, skip_bad, report, flag="--train"))
             pending = None  # the previous chunk, whose tokenization runs while this one is read
             for chunk in chunks(examples, CHUNK_QUESTIONS):
-                missing = [ex.qid for ex in chunk if ex.span is None]
-                n["no_span"] += len(missing)
-                no_span += missing[:5 - len(no_span)]
-                keep = [ex for ex in chunk if ex.span is not None]
+                keep = _usable(chunk, n, left_out)
                 # encode_batch releases the GIL: chunk i + 1 is tokenized (in Rust, on the other core) while
                 # chunk i is cut into windows and written here, and chunk i + 2 read and checked.
                 current = (keep, tokenizing.submit(encode, keep, tokenizer, words=False))
@@ -120,19 +122,37 @@ def build(files, tokenizer, fcfg, limit, skip_bad, folder, info, log=print, prog
                 write(*pending)
         bar.close()
         report.print(log)
-        if n["no_span"]:
-            log(f"notice: {n['no_span']} training questions have no answer span (detected_answers.char_spans) and "
-                f"are left out: {', '.join(no_span)}{' ...' * (n['no_span'] > len(no_span))}")
+        for kind, what in (("no_span", "have no answer span (detected_answers.char_spans)"),
+                           ("bad_span", "have an answer span that does not hold their answer text")):
+            if n[kind]:
+                log(f"notice: {n[kind]} training questions {what} and are left out: "
+                    f"{', '.join(left_out[kind])}{' ...' * (n[kind] > len(left_out[kind]))}")
         if not n["examples"]:
             raise TinyQAError(f"--train {' '.join(map(str, files))}: no question has an answer span "
                               "(detected_answers): there is nothing to train on")
         lengths = np.concatenate(lengths)
         np.save(os.path.join(tmp, "offsets.npy"), np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64))
         np.save(os.path.join(tmp, "windows.npy"), np.concatenate(meta))
-        info.update(dtype=np.dtype(dtype).name, windows=len(lengths), tokens=n["tokens"], examples=n["examples"],
-                    skipped=len(report.skipped), no_span=n["no_span"])
+        info.update(dtype=np.dtype(dtype).name, windows=len(lengths), **n, skipped=len(report.skipped),
+                    digests={name: digest(os.path.join(tmp, name)) for name in ("ids.bin", "offsets.npy", "windows.npy")})
         with open(os.path.join(tmp, "key.json"), "w") as f:
             json.dump(info, f, indent=2)
+
+
+def _usable(chunk, n, left_out):
+    """The chunk's questions that can teach a span: with one, and one that holds their answer's text (a span
+    computed on another version of the context would train a wrong label). The others are counted in n and
+    their first qids kept, to be reported."""
+    keep = []
+    for ex in chunk:
+        kind = "no_span" if ex.span is None else None if ex.span_matches else "bad_span"
+        if kind is None:
+            keep.append(ex)
+            continue
+        n[kind] += 1
+        if len(left_out[kind]) < 5:
+            left_out[kind].append(ex.qid)
+    return keep
 
 
 class FeatureStore:
@@ -145,19 +165,16 @@ class FeatureStore:
             self.offsets = np.load(os.path.join(folder, "offsets.npy"))
             self.windows = np.load(os.path.join(folder, "windows.npy"))
             self.ids = RowFile(os.path.join(folder, "ids.bin"), self.info["dtype"])
+            verify_digests(folder, self.info["digests"], "feature store")
         except (OSError, ValueError, KeyError, TypeError) as e:
             raise TinyQAError(f"{folder}: damaged feature store ({e}); delete the folder to rebuild it")
         if len(self.windows) != len(self.offsets) - 1 or len(self.ids) != self.offsets[-1]:
             raise TinyQAError(f"{folder}: damaged feature store (windows, offsets and ids disagree); delete it to rebuild")
-        self.folder, self.layout = folder, layout
+        self.folder, self.layout, self.lengths = folder, layout, np.diff(self.offsets)
         self.key = os.path.basename(os.path.normpath(folder))  # what the teacher cache keys on
 
     def __len__(self):
         return len(self.windows)
-
-    @property
-    def lengths(self) -> np.ndarray:
-        return np.diff(self.offsets)
 
     def batch(self, idx, pad_id, with_labels=True) -> dict:
         """Windows idx padded to the longest of them (features.pad_batch): input_ids, attention_mask,

@@ -5,10 +5,13 @@ of every window one after another; `offsets.npy` (windows + 1,) int64, window i 
 logits[offsets[i]:offsets[i + 1]]; `key.json`, what the key was made of.
 
 What keeps it trustworthy:
-- the key hashes the CONTENT of the teacher's weights and config (sha256, remembered per file identity in
-  `<root>/hashes.json` so a GB-sized teacher is hashed once) with the feature store's key (the training
-  files' content, the tokenizer, the window settings, --limit, --skip-bad) and the autocast dtype:
-  replaced weights with the same size and mtime can never reuse stale logits;
+- the key hashes the CONTENT of the teacher's weights and config (sha256, never their names, sizes or
+  times) with the feature store's key (the training files' content, the tokenizer, the window settings,
+  --limit, --skip-bad) and the autocast dtype: a teacher replaced by another file of the same size and
+  mtime (as `cp -p` or `rsync -a` leave it) can never reuse stale logits;
+- the teacher's logits are checked to be finite as they are computed (a broken teacher is named, not the
+  student's flags), the files' digests are recorded when the cache is built and checked whenever it is
+  opened: a damaged, zeroed or truncated cache is refused with its path, never used;
 - it is opened like the feature store (`open_cache` beside `open_store`): built in a unique temporary folder
   and renamed into place in one step, so its name only ever points at a complete cache; a lock (where the
   OS has flock) makes a second run that wants the same cache wait for the first instead of computing it twice;
@@ -30,7 +33,7 @@ from .catalog import cache_root
 from .cpu import max_tokens_for
 from .errors import TinyQAError
 from .features import length_sorted_batches
-from .files import RowFile, building, disk_error, file_sha256, lock
+from .files import RowFile, building, digest, disk_error, lock, verify_digests
 from .weights import load_model
 
 
@@ -38,20 +41,19 @@ def default_root():
     return os.path.join(cache_root(), "teacher-logits")
 
 
-def cache_key(root, store, teacher_dir, amp_dtype):
+def cache_key(store, teacher_dir, amp_dtype):
     """(key, what it was made of): the store's key (training files' content, tokenizer, window settings,
     --limit, --skip-bad: what decides the windows), the teacher's weights and config, the autocast dtype.
     Everything that changes a single logit or the window order is in it."""
-    memo = os.path.join(root, "hashes.json")
     weights = next((f for f in ("model.safetensors", "pytorch_model.bin")
                     if os.path.exists(os.path.join(teacher_dir, f))), None)
-    teacher = {f: file_sha256(os.path.join(teacher_dir, f), memo) for f in (weights, "config.json") if f}
+    teacher = {f: digest(os.path.join(teacher_dir, f)) for f in (weights, "config.json") if f}
     info = {"windows": store.key, "teacher": teacher, "autocast": str(amp_dtype)}
     return hashlib.sha256(json.dumps(info, sort_keys=True).encode()).hexdigest()[:24], info
 
 
 def is_complete(folder):
-    return os.path.exists(os.path.join(folder, "offsets.npy"))  # the folder only appears whole (rename)
+    return os.path.exists(os.path.join(folder, "key.json"))  # written last; the folder only appears whole (rename)
 
 
 def open_cache(root, store, teacher_dir, amp_dtype=None, batch_size=64, dist=None, log=print, progress=True):
@@ -63,7 +65,7 @@ def open_cache(root, store, teacher_dir, amp_dtype=None, batch_size=64, dist=Non
         os.makedirs(root, exist_ok=True)
     except OSError as e:
         raise TinyQAError(f"--teacher-cache {root}: cannot create it ({e.strerror})")
-    key, info = cache_key(root, store, teacher_dir, amp_dtype)
+    key, info = cache_key(store, teacher_dir, amp_dtype)
     folder = os.path.join(root, key)
     with ExitStack() as held:
         tmp = None
@@ -133,6 +135,7 @@ def compute(teacher, store, tmp, batches, device, autocast, progress=True):
                                   batch["token_type_ids"].to(device))
                 both = torch.stack([out.start_logits, out.end_logits], dim=-1).float().cpu().numpy()  # (B, L, 2)
                 both = both.astype(np.float16)
+                _check_finite(both, batch["attention_mask"].numpy().astype(bool), idx)
                 for row, i in enumerate(idx):
                     f.seek(header + int(offsets[i]) * 4)  # 2 logits x 2 bytes per token
                     f.write(both[row, : offsets[i + 1] - offsets[i]].tobytes())
@@ -140,23 +143,41 @@ def compute(teacher, store, tmp, batches, device, autocast, progress=True):
         raise disk_error(path, e) from e
 
 
+def _check_finite(logits, real, idx):
+    """A teacher whose logits are NaN or infinite (or beyond float16's 65504) is broken: said here, naming
+    the teacher, rather than later as a student loss gone NaN."""
+    bad = ~np.isfinite(logits).all(axis=-1) & real  # (B, L): real tokens only
+    if bad.any():
+        row = int(np.nonzero(bad.any(axis=1))[0][0])
+        raise TinyQAError(f"the teacher gives NaN or infinite logits (or beyond float16's range) on training window "
+                          f"{idx[row]}: the teacher checkpoint is broken (a diverged run?): use another --teacher")
+
+
 def finish(tmp, lengths, info):
     """Complete the folder: offsets.npy, then key.json (what the key was made of)."""
     np.save(os.path.join(tmp, "offsets.npy"), np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64))
+    info = dict(info, digests={name: digest(os.path.join(tmp, name)) for name in ("logits.npy", "offsets.npy")})
     with open(os.path.join(tmp, "key.json"), "w") as f:
         json.dump(info, f, indent=2)
 
 
 class TeacherCache:
+    """A built cache, its files verified against the digests recorded when it was built; `batch` reads
+    windows' logits by row with pread."""
+
     def __init__(self, folder, lengths):
         try:
+            with open(os.path.join(folder, "key.json")) as f:
+                digests = json.load(f)["digests"]
+            verify_digests(folder, digests, "teacher cache")
             path = os.path.join(folder, "logits.npy")
             with open(path, "rb") as f:  # read per window with pread, not memory-mapped (RowFile says why)
                 shape, dtype = _read_header(f)
                 self.logits = RowFile(path, dtype, shape[1:], start=f.tell())
             self.offsets = np.load(os.path.join(folder, "offsets.npy"))
-        except (OSError, ValueError) as e:
+        except (OSError, ValueError, KeyError, TypeError) as e:
             raise TinyQAError(f"{folder}: damaged teacher cache ({e}); delete the folder to recompute it")
+        self.folder = folder
         if len(self.offsets) != len(lengths) + 1 or not np.array_equal(np.diff(self.offsets), lengths) \
                 or len(self.logits) != self.offsets[-1]:
             raise TinyQAError(f"{folder}: the teacher cache does not match the training windows; "
@@ -168,5 +189,8 @@ class TeacherCache:
         for row, i in enumerate(idx):
             a, b = self.offsets[i], self.offsets[i + 1]
             out[row, : b - a] = self.logits.read(a, b)
+        if not np.isfinite(out).all():  # its digest matched, so the file was written so: never trained on
+            raise TinyQAError(f"{self.folder}: the teacher cache holds NaN or infinite logits; delete the folder "
+                              "to recompute it")
         t = torch.from_numpy(out)
         return t[..., 0], t[..., 1]

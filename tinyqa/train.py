@@ -100,7 +100,7 @@ def train(args):
     train_files = args.train or split_files("train", progress=dist.master and not args.quiet, flag="--train")
     fcfg = FeaturizerConfig(args.max_seq_len, args.doc_stride, args.max_question_len)
     store = open_store(args.feature_store or store_root(), train_files, plan.tokenizer, fcfg, args.limit,
-                       args.skip_bad, log, progress=dist.master and not args.quiet)
+                       args.skip_bad, log, progress=dist.master and not args.quiet, vocab_size=plan.config.vocab_size)
     log(f"{store.info['examples']} questions -> {len(store)} windows; model {model.num_params() / 1e6:.1f}M parameters")
 
     # --- what a step optimises; the teacher in a forked RNG, so that loading it (or not, when its logits

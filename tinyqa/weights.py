@@ -20,7 +20,7 @@ from safetensors.torch import load_file, save_file
 
 from .catalog import resolve_dir
 from .checks import check_device
-from .errors import TinyQAError
+from .errors import TinyQAError, missing
 from .model import EncoderConfig, EncoderForQA
 from .tokenizer import save_tokenizer
 
@@ -115,6 +115,9 @@ def read_state_dict(directory: str) -> dict:
             return torch.load(bin_, map_location="cpu", weights_only=True)
         except Exception as e:
             raise TinyQAError(f"{bin_}: cannot be read as a PyTorch state dict ({type(e).__name__}: {e})")
+    for name in (st, bin_):
+        if os.path.islink(name):
+            raise TinyQAError(f"{name}: {missing(name)}")
     raise TinyQAError(f"{directory}: no model.safetensors or pytorch_model.bin")
 
 
@@ -131,7 +134,10 @@ def load_state_dict_into(model: EncoderForQA, hf_state: dict, where: str = "chec
         norm = _normalise_hf(key, family)
         if norm in hf_to_ours:
             target = hf_to_ours[norm]
-            if tuple(tensor.shape) != tuple(ours[target].shape):
+            if not tensor.is_floating_point():  # copied into a float parameter it would be silently cast
+                shape_errors.append(f"{key}: holds {str(tensor.dtype).removeprefix('torch.')} values, not "
+                                    "floating-point weights")
+            elif tuple(tensor.shape) != tuple(ours[target].shape):
                 shape_errors.append(f"{key}: checkpoint {tuple(tensor.shape)} vs model {tuple(ours[target].shape)}")
             mapped[target] = tensor
         elif not DROPPED[family].search(norm):
@@ -144,7 +150,7 @@ def load_state_dict_into(model: EncoderForQA, hf_state: dict, where: str = "chec
     if missing and not head_only:
         problems.append(f"missing keys {[_our_to_hf(k, family) for k in missing][:10]}{' ...' if len(missing) > 10 else ''}")
     if shape_errors:
-        problems.append("shape mismatches " + "; ".join(shape_errors[:10]))
+        problems.append("wrong tensors " + "; ".join(shape_errors[:10]))
     if problems:
         raise TinyQAError(f"{where}: does not match its config.json: " + "; ".join(problems))
     for k, t in mapped.items():  # a NaN or inf weight would give NaN logits: garbage answers, no error
@@ -161,7 +167,8 @@ def load_model_config(directory: str) -> EncoderConfig:
     """The EncoderConfig of a checkpoint directory's config.json, or one line naming the file and what is wrong."""
     cfg_path = os.path.join(directory, "config.json")
     if not os.path.exists(cfg_path):
-        raise TinyQAError(f"{directory}: no config.json (expected an HF-layout checkpoint directory)")
+        raise TinyQAError(f"{directory}: no config.json (expected an HF-layout checkpoint directory)"
+                          if not os.path.islink(cfg_path) else f"{cfg_path}: {missing(cfg_path)}")
     try:
         return EncoderConfig.from_json(cfg_path)
     except (OSError, UnicodeDecodeError, ValueError, TypeError) as e:  # JSONDecodeError is a ValueError
