@@ -18,7 +18,7 @@ from .intermediate import check_layer_map, student_from_teacher_layers, uniform_
 from .model import EncoderConfig, EncoderForQA
 from .runs import check_fresh_out
 from .tokenizer import load_tokenizer, tokenizer_fingerprint
-from .weights import load_model, load_model_config
+from .weights import load_model, load_model_config, read_config
 
 
 class Plan(NamedTuple):
@@ -84,10 +84,7 @@ def check_models(args, dirs):
     if dirs["init"]:
         cfg = load_model_config(dirs["init"])
     elif args.init_config:
-        try:
-            cfg = EncoderConfig.from_json(args.init_config)  # any family, from its model_type
-        except (OSError, UnicodeDecodeError, ValueError, TypeError) as e:
-            raise TinyQAError(f"--init-config {args.init_config}: {e}")
+        cfg = read_config(args.init_config, "--init-config")  # any family, from its model_type
     else:  # --student-layers: the teacher's config with fewer layers
         uniform_layer_map(teacher_cfg.num_hidden_layers, args.student_layers, " (--student-layers)")  # or refused
         cfg = replace(teacher_cfg, num_hidden_layers=args.student_layers)

@@ -132,8 +132,11 @@ class Handler(BaseHTTPRequestHandler):
 
     def send_error(self, code, message=None, explain=None):
         """http.server's own errors (a malformed request line, an unknown method, headers too long) as JSON,
-        like every other answer of this server, not its HTML page."""
+        like every other answer of this server, not its HTML page; with a status line and headers even
+        when the request line was too broken to say its HTTP version."""
         self.close_connection = True
+        if self.request_version == "HTTP/0.9":
+            self.request_version = "HTTP/1.0"
         try:
             self.send_json(code, {"error": message or self.responses.get(code, ("error",))[0]})
         except OSError:

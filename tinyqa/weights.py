@@ -21,6 +21,7 @@ from safetensors.torch import load_file, save_file
 from .catalog import resolve_dir
 from .checks import check_device
 from .errors import TinyQAError, missing
+from .files import read_json
 from .model import EncoderConfig, EncoderForQA
 from .tokenizer import save_tokenizer
 
@@ -169,10 +170,20 @@ def load_model_config(directory: str) -> EncoderConfig:
     if not os.path.exists(cfg_path):
         raise TinyQAError(f"{directory}: no config.json (expected an HF-layout checkpoint directory)"
                           if not os.path.islink(cfg_path) else f"{cfg_path}: {missing(cfg_path)}")
+    return read_config(cfg_path)
+
+
+def read_config(path, flag=None) -> EncoderConfig:
+    """An EncoderConfig from an HF config.json file (any family, from its model_type), or one line naming
+    the file (and the flag that gave it) and what is wrong."""
+    where = f"{flag} {path}" if flag else path
+    config = read_json(path, "config.json", kind=object)
+    if not isinstance(config, dict):
+        raise TinyQAError(f"{where}: a config must be a JSON object, not a {type(config).__name__}")
     try:
-        return EncoderConfig.from_json(cfg_path)
-    except (OSError, UnicodeDecodeError, ValueError, TypeError) as e:  # JSONDecodeError is a ValueError
-        raise TinyQAError(f"{cfg_path}: {e}")
+        return EncoderConfig.from_dict(config)
+    except (ValueError, TypeError) as e:
+        raise TinyQAError(f"{where}: {e}")
 
 
 def load_model(name_or_path: str, device="cpu", dtype=torch.float32, verbose=True) -> EncoderForQA:
