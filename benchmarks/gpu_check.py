@@ -35,6 +35,7 @@ import math
 import os
 import platform
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -51,6 +52,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 from benchmarks.common import cpu_name, shared_data  # noqa: E402
 from tinyqa import cli  # noqa: E402
+from tinyqa.checks import check_output_file  # noqa: E402
+from tinyqa.errors import TinyQAError  # noqa: E402
 from tinyqa.features import FeaturizerConfig, collate, featurize  # noqa: E402
 from tinyqa.files import finite, write_json  # noqa: E402
 from tinyqa.losses import span_ce_loss  # noqa: E402
@@ -132,7 +135,8 @@ FULL = Sizes(parity={"roberta": "tinyroberta", "bert": "bert-base", "electra": "
 DRY = Sizes(parity={f: tiny(f, 2, 64) for f in ("roberta", "bert", "electra", "deberta-v2")},
             # 160 tokens: DeBERTa's log-spaced buckets start beyond 128
             parity_lengths=(160, 97, 33, 8), student=tiny("roberta", 2, 64, vocab_size=None),
-            teacher=tiny("roberta", 4, 128, vocab_size=None), intermediate_teacher=tiny("roberta", 4, 96, vocab_size=None),
+            teacher=tiny("roberta", 4, 128, vocab_size=None),
+            intermediate_teacher=tiny("roberta", 4, 96, vocab_size=None),
             max_seq_len=128, doc_stride=32, max_question_len=32, windows_per_context=12.0, batch_size=16, lr=2e-3,
             steps=24, intermediate_batch=8, intermediate_steps=6, speed_batch=8, speed_steps=4, speed_rounds=1,
             ddp_steps=6, time_budget=240)
@@ -146,7 +150,7 @@ def config_dict(spec, vocab_size=None):
         path = os.path.join(shared_data(), "configs", REAL[spec][0])
         if os.path.exists(path):
             with open(path) as f:
-                d, source = json.load(f), path
+                d, source = json.load(f), os.path.normpath(path)
         else:
             d, source = dict(REAL[spec][1]), "built-in"
     if d.get("vocab_size") is None:
@@ -312,8 +316,8 @@ def compare_dtype(ctx, folder, hf32, ref, batch, dtype_name):
     scale = max(1.0, ref[:, keep].abs().max().item())
     tol = 2 * err_hf + torch.finfo(dtype).eps * scale
     ok = bool(torch.isfinite(ours[:, keep]).all()) and err <= tol
-    return {"max_abs_diff": err, "transformers_max_abs_diff": err_hf, "tinyqa_vs_transformers": max_diff(ours, theirs, keep),
-            "tolerance": tol, "passed": ok}
+    return {"max_abs_diff": err, "transformers_max_abs_diff": err_hf,
+            "tinyqa_vs_transformers": max_diff(ours, theirs, keep), "tolerance": tol, "passed": ok}
 
 
 def check_parity(ctx, family):
@@ -369,8 +373,8 @@ def check_setup(ctx):
     w.features = featurize(list(read_mrqa(w.train)), tok, fcfg, with_offsets=False)
     lengths = np.array([len(f.input_ids) for f in w.features])
     out = {"contexts": n, "questions": sum(len(r["qas"]) for r in rows), "windows": len(w.features),
-           "mean_window_tokens": round(float(lengths.mean()), 1), "full_windows": round(float((lengths == s.max_seq_len).mean()), 3),
-           "vocab": tok.get_vocab_size()}
+           "mean_window_tokens": round(float(lengths.mean()), 1),
+           "full_windows": round(float((lengths == s.max_seq_len).mean()), 3), "vocab": tok.get_vocab_size()}
     student, out["student_config"] = config_dict(s.student, tok.get_vocab_size())
     w.student_config = os.path.join(ctx.work, "student.json")
     with open(w.student_config, "w") as f:
@@ -483,11 +487,12 @@ def check_distill_cached(ctx):
     them back. A first run of one step builds the cache and the feature store, so the timed run and its
     peak memory are the loop's alone (the first run's seconds and peak: start-up, featurization and the
     teacher's pass over every window)."""
-    s, cache = ctx.sizes, ["--teacher", ctx.workload.teacher, "--teacher-cache", os.path.join(ctx.work, "teacher-cache")]
+    s = ctx.sizes
+    cache = ["--teacher", ctx.workload.teacher, "--teacher-cache", os.path.join(ctx.work, "teacher-cache")]
     seconds, peak, _ = run_train(ctx, train_argv(ctx, "distill-warm", s.batch_size, 1, *cache))
     build = {"cache_build_seconds": round(seconds, 1), "cache_build_peak_memory": peak}
-    out, failures = distill_result(ctx, *run_train(ctx, train_argv(ctx, "distill-cached", s.batch_size, ctx.steps, *cache)),
-                                   ctx.steps, s.batch_size)
+    run = run_train(ctx, train_argv(ctx, "distill-cached", s.batch_size, ctx.steps, *cache))
+    out, failures = distill_result(ctx, *run, ctx.steps, s.batch_size)
     return {**out, **build}, failures
 
 
@@ -537,10 +542,11 @@ def speed_models(ctx, dtype=torch.float32):
 def speed_batches(ctx, batch_size, n):
     """n batches of batch_size windows drawn at random (seeded) from the workload, on the device."""
     rng = np.random.default_rng(ctx.args.seed)
-    feats = ctx.workload.features
-    return [{k: v.to(ctx.device) for k, v in collate([feats[i] for i in rng.choice(len(feats), batch_size, replace=False)],
-                                                     with_labels=True, pad_id=ctx.workload.pad_id).items()}
-            for _ in range(n)]
+    feats, out = ctx.workload.features, []
+    for _ in range(n):
+        picked = [feats[i] for i in rng.choice(len(feats), batch_size, replace=False)]
+        out.append({k: v.to(ctx.device) for k, v in collate(picked, True, ctx.workload.pad_id).items()})
+    return out
 
 
 def forward(model, b, hf_style):
@@ -594,9 +600,9 @@ def check_train_throughput(ctx):
         best["tinyqa"] = max(best["tinyqa"], train_rate(ctx, ours, False, batches, warmup))
         best["transformers"] = max(best["transformers"], train_rate(ctx, hf, True, batches, warmup))
     ratio = best["tinyqa"] / best["transformers"]
-    out = {"precision": ctx.precision, "batch_size": s.speed_batch, "timed_steps": s.speed_steps, "rounds": s.speed_rounds,
-           "first_batch_loss": {"tinyqa": a, "transformers": b}, "windows_per_s": {k: round(v, 1) for k, v in best.items()},
-           "tinyqa_vs_transformers": round(ratio, 3),
+    out = {"precision": ctx.precision, "batch_size": s.speed_batch, "timed_steps": s.speed_steps,
+           "rounds": s.speed_rounds, "first_batch_loss": {"tinyqa": a, "transformers": b},
+           "windows_per_s": {k: round(v, 1) for k, v in best.items()}, "tinyqa_vs_transformers": round(ratio, 3),
            "summary": f"tinyqa {best['tinyqa']:.0f} vs transformers {best['transformers']:.0f} windows/s: {ratio:.2f}x"}
     return out, failures
 
@@ -648,6 +654,19 @@ def check_intermediate(ctx):
     return out, failures
 
 
+def run_process_group(cmd, env, log, timeout):
+    """cmd's exit code, its output in log; on timeout it is killed with every process it started (torchrun's
+    workers would otherwise outlive it, holding their GPUs), and the timeout raised."""
+    with open(log, "w") as f, subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT,
+                                               start_new_session=True) as proc:
+        try:
+            return proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            raise
+
+
 def check_ddp(ctx):
     """train_distill.py under torchrun, one process per GPU (2 gloo processes on the CPU in the dry run),
     with a fresh teacher cache so the ranks also share its computation; the global batch is the single
@@ -670,20 +689,18 @@ def check_ddp(ctx):
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH")) if p))
     log = os.path.join(ctx.work, "ddp.log")
     t = time.perf_counter()
-    with open(log, "w") as f:
-        r = subprocess.run(cmd, cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT,
-                           timeout=max(120.0, ctx.report.budget - ctx.report.elapsed()))
+    returncode = run_process_group(cmd, env, log, timeout=max(120.0, ctx.report.budget - ctx.report.elapsed()))
     seconds = time.perf_counter() - t
-    if r.returncode != 0:
+    if returncode != 0:
         with open(log) as f:
             tail = [line.strip() for line in f if line.strip()][-3:]
-        return {"processes": n, "log_tail": tail}, [f"torchrun exited {r.returncode}: {' | '.join(tail)}"]
+        return {"processes": n, "log_tail": tail}, [f"torchrun exited {returncode}: {' | '.join(tail)}"]
     out, failures = distill_result(ctx, seconds, None, read_log(os.path.join(ctx.work, "ddp")), steps, batch)
     out.update(processes=n, backend="cpu:gloo,cuda:nccl" if ctx.device.type == "cuda" else "gloo")
     single = ctx.report.data["checks"].get("distill/cached", {}).get("windows_per_s")
     if single and out.get("windows_per_s"):
         out["vs_one_process"] = round(out["windows_per_s"] / single, 2)
-    out["summary"] = f"{n} processes: {out['windows_per_s']:.0f} windows/s, loss {out['loss_first']:.3f} -> {out['loss_last']:.3f}"
+    out["summary"] = f"{n} processes: " + out["summary"]
     return out, failures
 
 
@@ -717,6 +734,10 @@ def get_args(argv=None):
     args.out = args.out or ("gpu_check_dry_run.json" if args.dry_run else "gpu_check.json")
     if torch.device(args.device).type == "cuda" and not torch.cuda.is_available():
         p.error(f"--device {args.device}: no CUDA GPU is visible; run with --dry-run for the CPU check")
+    try:
+        check_output_file(args.out, "--out")  # before the work, not after the first check
+    except TinyQAError as e:
+        p.error(str(e))
     return args
 
 
@@ -739,7 +760,8 @@ def plan(ctx):
     if set(only) & {"distill", "throughput", "intermediate", "ddp"}:
         steps.append(("setup", check_setup, (ctx,)))
     if "distill" in only:
-        steps += [("distill/cached", check_distill_cached, (ctx,)), ("distill/on-the-fly", check_distill_on_the_fly, (ctx,))]
+        steps += [("distill/cached", check_distill_cached, (ctx,)),
+                  ("distill/on-the-fly", check_distill_on_the_fly, (ctx,))]
     if "throughput" in only:
         steps += [("throughput/train", check_train_throughput, (ctx,)),
                   ("throughput/inference", check_inference_throughput, (ctx,))]
@@ -767,7 +789,7 @@ def main(argv=None):
     try:
         for name, fn, fn_args in plan(ctx):
             if fn in NEEDS_SETUP and report.data["checks"]["setup"]["status"] != "passed":
-                report.skip(name, "setup failed")
+                report.skip(name, "the setup did not pass")
             else:
                 report.run(name, fn, *fn_args)
     finally:
@@ -777,8 +799,9 @@ def main(argv=None):
     d = report.data
     print("\n" + "\n".join(summary_line(name, sec) for name, sec in d["checks"].items()))
     n = {s: sum(c["status"] == s for c in d["checks"].values()) for s in ("passed", "failed", "skipped")}
+    over = " (over the time budget)" if d["budget_exceeded"] else ""
     print(f"{'PASSED' if d['passed'] else 'FAILED'}: {n['passed']} passed, {n['failed']} failed, {n['skipped']} "
-          f"skipped in {d['seconds']:.0f} s{' (over the time budget)' if d['budget_exceeded'] else ''}; report: {args.out}")
+          f"skipped in {d['seconds']:.0f} s{over}; report: {args.out}")
     return 0 if d["passed"] else 1
 
 

@@ -85,7 +85,8 @@ def test_a_failing_check_is_recorded_and_the_others_run(tmp_path, capsys):
     report.run("skipped", skipped)
     saved = json.loads((tmp_path / "r.json").read_text())
     c = saved["checks"]
-    assert c["broken"]["status"] == "failed" and c["broken"]["error"] == "RuntimeError: CUDA error: an illegal memory access"
+    assert c["broken"]["status"] == "failed"
+    assert c["broken"]["error"] == "RuntimeError: CUDA error: an illegal memory access"  # its first line
     assert "Traceback" in c["broken"]["traceback"]
     assert c["short"] == {**c["short"], "status": "failed", "error": "x fell short", "x": 1.0}
     assert c["fine"]["status"] == "passed" and c["fine"]["x"] is None  # strict JSON: NaN written as null
@@ -95,7 +96,8 @@ def test_a_failing_check_is_recorded_and_the_others_run(tmp_path, capsys):
     assert "FAIL  broken" in out and "PASS  fine" in out and "SKIP  skipped" in out
     over = gc.Report(str(tmp_path / "o.json"), {}, budget=0)
     over.run("late", lambda: ({}, []))
-    assert over.data["checks"]["late"]["status"] == "skipped" and over.data["budget_exceeded"] and not over.data["passed"]
+    assert over.data["checks"]["late"]["status"] == "skipped"
+    assert over.data["budget_exceeded"] and not over.data["passed"]
 
 
 def test_help_names_every_flag():
