@@ -177,7 +177,10 @@ def read_config(path, flag=None) -> EncoderConfig:
     """An EncoderConfig from an HF config.json file (any family, from its model_type), or one line naming
     the file (and the flag that gave it) and what is wrong."""
     where = f"{flag} {path}" if flag else path
-    config = read_json(path, "config.json", kind=object)
+    try:
+        config = read_json(path, "config.json", kind=object)
+    except TinyQAError as e:
+        raise TinyQAError(f"{flag} {e}" if flag else str(e)) from None
     if not isinstance(config, dict):
         raise TinyQAError(f"{where}: a config must be a JSON object, not a {type(config).__name__}")
     try:
