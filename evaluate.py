@@ -25,7 +25,7 @@ from tqdm import tqdm
 from tinyqa.catalog import ALIASES, CARD_SCORES, SPLITS, card_table, resolve_dir, split_files
 from tinyqa.checks import check_device, check_distinct_outputs, check_featurizer, check_input_files, check_output_file
 from tinyqa.cli import (DTYPES, HelpFormatter, add_decoder_args, add_featurizer_args, add_inference_model_args,
-                        positive_int)
+                        finite_float, positive_int)
 from tinyqa.data import stream_files
 from tinyqa.decode import DecodeConfig, decode, decode_nbest
 from tinyqa.errors import TinyQAError, cli_errors
@@ -57,6 +57,10 @@ def build_parser():
     g = p.add_argument_group("decoder (run_qa's n-best)")
     g.add_argument("--n-best", type=positive_int, default=20, help="top start and end logits combined per window")
     add_decoder_args(g)
+    g.add_argument("--null-threshold", type=finite_float, default=None,
+                   help="with --handle-impossible-answer, the null answer wins when its score beats the best span's "
+                        "by more than this (run_qa's null_score_diff_threshold; default: the checkpoint's "
+                        "calibration.json, which `python -m tinyqa calibrate` fits, else 0)")
     g = p.add_argument_group("output")
     g.add_argument("--output", metavar="FILE", help="write predictions as {qid: answer} JSON (the official format)")
     g.add_argument("--metrics", metavar="FILE", help="write {datasets, macro, micro} metrics JSON")
@@ -182,7 +186,9 @@ def main(argv=None):
     files = args.data or split_files(args.split or "dev", progress=not args.quiet)
     report, args.left_out = ReadReport(), {}
     by_dataset, answers = {}, {}  # name -> [Example without its context]; qid -> predicted answer
-    dcfg = DecodeConfig(args.n_best, args.max_answer_len, args.handle_impossible_answer)
+    null_threshold = args.null_threshold if args.null_threshold is not None else \
+        (qa.calibration.null_threshold if qa is not None and qa.calibration.null_threshold is not None else 0.0)
+    dcfg = DecodeConfig(args.n_best, args.max_answer_len, args.handle_impossible_answer, null_threshold=null_threshold)
     t0 = time.perf_counter()
     with (nbest_writer(args.nbest) if args.nbest and qa else nullcontext()) as nbest, \
             tqdm(desc="evaluate", unit=" questions", disable=args.quiet or qa is None) as bar:
@@ -223,7 +229,8 @@ def predict_chunk(qa, examples, fcfg, dcfg, args, nbest=None) -> dict:
     features, starts, ends = forward_examples(qa.model, qa.tokenizer, examples, fcfg, args.batch_size, args.device)
     if nbest is not None:
         nbest.write(decode_nbest(examples, features, starts, ends, dcfg.n_best, dcfg.max_answer_len, dcfg.handle_impossible_answer))
-    preds = decode(examples, features, starts, ends, dcfg.n_best, dcfg.max_answer_len, dcfg.handle_impossible_answer)
+    preds = decode(examples, features, starts, ends, dcfg.n_best, dcfg.max_answer_len, dcfg.handle_impossible_answer,
+                   dcfg.null_threshold)
     return {qid: p.text for qid, p in preds.items()}
 
 

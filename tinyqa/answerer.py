@@ -5,17 +5,25 @@
     # Answer(text='William Shakespeare', score=0.93, start=31, end=50, logit_score=17.2)
     qa.answer_batch([("Who?", c1), {"question": "When?", "context": c2}], top_k=3)
 
-It decodes as the pipeline did, with its per-window probabilities (tinyqa/decode.py's `answer_example`),
-over the windows and logits of batched inference (tinyqa/infer.py). Questions are read, run and answered a
-chunk at a time, so a stream of any length is answered in bounded memory.
+    qa.read("Who wrote Hamlet?", ["doc one ...", {"id": "b", "text": "doc two ..."}], top_k=3)
+    # [DocumentAnswer(text='William Shakespeare', score=0.88, document='b', start=31, end=50, ...)]
+
+`answer` decodes as the pipeline did, with its per-window probabilities (tinyqa/decode.py's
+`answer_example`); `read` ranks the spans of many documents against each other with calibrated confidences
+(`rank_documents`, tinyqa/calibration.py); both over the windows and logits of batched inference
+(tinyqa/infer.py), or of whatever runs the model for them (`runner`: the server's batcher). Questions are
+read, run and answered a chunk at a time, so a stream of any length is answered in bounded memory.
 """
 from dataclasses import replace
 
 import torch
 
+from . import calibration as calibration_file
+from .calibration import Calibration
+from .catalog import resolve_dir
 from .checks import check_device
 from .cpu import pack_for_cpu, quantize_int8
-from .decode import DecodeConfig, answer_example
+from .decode import DecodeConfig, answer_example, rank_documents
 from .errors import TinyQAError
 from .examples import Example
 from .features import FeaturizerConfig, check_model_fits, featurize
@@ -36,7 +44,9 @@ class QuestionAnswerer:
       max_question_len (64)       question tokens kept (run_qa's max_query_length)
       handle_impossible_answer    rank the null answer ("", 0, 0) among the others (SQuAD 2.0-style models)
       align_to_words (True)       widen answers to whole words
-    An Answer's score is the pipeline's probability; logit_score is start_logit + end_logit.
+    An Answer's score is the pipeline's probability; logit_score is start_logit + end_logit; confidence is
+    the calibrated probability that it is right (the checkpoint's calibration.json, else the model's own odds),
+    comparable across contexts. `read` takes top_k, max_answer_len, the window options and no_answer.
     """
 
     # A chunk of questions is featurized, run and decoded together: at most this many questions, and
@@ -45,12 +55,17 @@ class QuestionAnswerer:
     chunk_questions = 64
     chunk_chars = 2_000_000
 
-    def __init__(self, model, tokenizer, fcfg=FeaturizerConfig(), dcfg=DecodeConfig(), batch_size=64, device="cpu"):
+    def __init__(self, model, tokenizer, fcfg=FeaturizerConfig(), dcfg=DecodeConfig(), batch_size=64, device="cpu",
+                 calibration=None, runner=None):
         check_options(fcfg, dcfg)
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise TinyQAError(f"batch_size must be a whole number >= 1, not {batch_size!r}")
         self.model, self.tokenizer = model.eval(), tokenizer
         self.fcfg, self.dcfg, self.batch_size, self.device = fcfg, dcfg, batch_size, str(check_device(device))
+        self.calibration = calibration or Calibration()
+        # runner(features) -> (start logits, end logits) per window: batched inference here, the server's
+        # batcher there (windows of concurrent requests in one forward pass)
+        self.runner = runner or (lambda features: run_model(self.model, features, self.batch_size, self.device))
 
     @classmethod
     def from_pretrained(cls, name_or_path, device="cpu", dtype=torch.float32, quantize=None, fcfg=None,
@@ -70,6 +85,7 @@ class QuestionAnswerer:
         elif prepack:
             model = pack_for_cpu(model)  # where it pays: fp32 on an AVX-512 CPU
         fcfg = fcfg or featurizer_config_of(name_or_path)
+        kw.setdefault("calibration", calibration_file.load(resolve_dir(name_or_path, model=False, tokenizer=False)))
         return cls(model, load_tokenizer(name_or_path), fcfg=fcfg, device=device, **kw)
 
     def answer(self, question: str, context: str, top_k=None, max_answer_len=None, doc_stride=None,
@@ -102,14 +118,38 @@ class QuestionAnswerer:
     def _answer_chunk(self, chunk, fcfg, dcfg):
         examples = [Example(str(i), q, c, []) for i, (q, c) in enumerate(chunk)]
         features = featurize(examples, self.tokenizer, fcfg, with_labels=False)
-        starts, ends = run_model(self.model, features, self.batch_size, self.device)
+        starts, ends = self.runner(features)
         windows = [[] for _ in examples]
         for f, s, e in zip(features, starts, ends):
             windows[f.example_index].append((s, e, f.offsets, f.words))
         for ex, w in zip(examples, windows):
             answers = answer_example(ex.context, w, dcfg.top_k, dcfg.max_answer_len, dcfg.handle_impossible_answer,
-                                     dcfg.align_to_words)
+                                     dcfg.align_to_words, self.calibration)
             yield answers[0] if dcfg.top_k == 1 else answers
+
+    def read(self, question: str, documents, top_k=None, max_answer_len=None, max_seq_len=None, doc_stride=None,
+             max_question_len=None, align_to_words=None, no_answer=False) -> list:
+        """The top_k answers to `question` across `documents`, best first, as DocumentAnswers (text, score,
+        document, start, end, logit_score): one ranking over every window of every document, scored by
+        calibrated confidence (tinyqa/decode.py's rank_documents), the windows run in one batched pass.
+        documents: strings, or {"text": ..., "id": ...} dicts (the id is a string or a number; without one,
+        a document's id is its position). no_answer: also rank the null answer ("", document None), scored
+        the probability that none of the others is right."""
+        fcfg, dcfg = self._configs(top_k=top_k, max_answer_len=max_answer_len, max_seq_len=max_seq_len,
+                                   doc_stride=doc_stride, max_question_len=max_question_len, align_to_words=align_to_words)
+        if not isinstance(no_answer, bool):
+            raise TinyQAError(f"no_answer must be true or false, not {no_answer!r}")
+        problem = text_problem("question", question)
+        if problem:
+            raise TinyQAError(problem)
+        texts, ids = documents_of(documents)
+        check_model_fits(self.model.config, self.tokenizer, fcfg.max_seq_len)
+        examples = [Example(str(i), question, text, []) for i, text in enumerate(texts)]
+        features = featurize(examples, self.tokenizer, fcfg, with_labels=False)
+        starts, ends = self.runner(features)
+        windows = [(f.example_index, s, e, f.offsets, f.words) for f, s, e in zip(features, starts, ends)]
+        return rank_documents(texts, ids, windows, self.calibration, dcfg.top_k, dcfg.max_answer_len, dcfg.n_best,
+                              no_answer, dcfg.align_to_words)
 
     def _configs(self, top_k=None, max_answer_len=None, doc_stride=None, max_seq_len=None, max_question_len=None,
                  handle_impossible_answer=None, align_to_words=None):
@@ -185,6 +225,32 @@ def text_problem(name, value):
     except UnicodeEncodeError as e:
         return f"the {name} is not valid Unicode ({value[e.start]!r} at character {e.start}: a lone surrogate)"
     return None
+
+
+def documents_of(documents):
+    """(texts, ids) of read's documents, each checked: a string, or a {"text", "id"} dict."""
+    if isinstance(documents, (str, dict)) or not hasattr(documents, "__iter__"):
+        raise TinyQAError("documents must be a list of strings or {\"text\": ..., \"id\": ...} objects")
+    texts, ids = [], []
+    for i, doc in enumerate(documents):
+        doc_id = i
+        if isinstance(doc, dict):
+            if "text" not in doc:
+                raise TinyQAError(f"document {i}: missing field 'text'")
+            doc_id = doc.get("id", i)
+            if isinstance(doc_id, bool) or not isinstance(doc_id, (str, int)):
+                raise TinyQAError(f"document {i}: 'id' must be a string or a whole number, not {type(doc_id).__name__}")
+            doc = doc["text"]
+        problem = text_problem("text", doc)
+        if problem:
+            raise TinyQAError(f"document {i}: {problem}")
+        if doc_id in ids:
+            raise TinyQAError(f"document {i}: id {doc_id!r} is also document {ids.index(doc_id)}'s: ids must be unique")
+        texts.append(doc)
+        ids.append(doc_id)
+    if not texts:
+        raise TinyQAError("no documents to read")
+    return texts, ids
 
 
 def _take_chunk(pairs, max_questions, max_chars):

@@ -54,6 +54,7 @@ seed_int = _number(int, lambda v: 0 <= v < 2 ** 32, "an integer in [0, 2^32)")  
 positive_float = _number(float, lambda v: v > 0, "a positive finite number")
 nonneg_float = _number(float, lambda v: v >= 0, "a finite number >= 0")
 unit_float = _number(float, lambda v: 0 <= v <= 1, "a number in [0, 1]")
+finite_float = _number(float, lambda v: True, "a finite number")
 learning_rate = _number(float, lambda v: 0 < v <= 1, "a learning rate in (0, 1]")  # AdamW's steps are about lr
 
 

@@ -1,4 +1,4 @@
-"""From start/end logits over an example's windows to answer substrings of its context: two decoders.
+"""From start/end logits over an example's windows to answer substrings of its context: three decoders.
 
 1. `decode` / `decode_nbest` (evaluate.py, training's eval): the n-best search of google-research/bert
    `run_squad.py` (`write_predictions`) and transformers' run_qa `postprocess_qa_predictions`, vectorised
@@ -12,7 +12,8 @@
    the cut one cannot reproduce its full span (its end token is missing), so the whole one wins when the
    model scores it higher, and a span can never cross a window's border.
    MRQA always has an answer; `handle_impossible_answer` adds SQuAD 2.0's null answer, scored as the smallest
-   start[0] + end[0] (the <s> token) over the windows and chosen when it beats the best span.
+   start[0] + end[0] (the <s> token) over the windows and chosen when it beats the best span by more than
+   null_threshold (run_qa's null_score_diff_threshold: 0, or the checkpoint's calibration.json).
 
 2. `answer_example` (the answer API, `QuestionAnswerer`): transformers' question-answering pipeline
    (4.x `pipelines/question_answering.py`, `select_starts_ends` / `decode_spans` / `postprocess`), whose
@@ -39,6 +40,15 @@ span seen by two windows adds up. So the two pick the same answer on nearly ever
 and often a different one across windows (docs/design.md counts both), and evaluate.py keeps run_qa's
 decoder: its MRQA scores stay comparable with everyone else's.
 
+3. `rank_documents` (`QuestionAnswerer.read`): one question over many documents, ranked as Haystack's
+   ExtractiveReader ranks, rather than per window: every valid span of every window of every document is
+   scored on its own, confidence = sigmoid((start + end logit - null - offset) / temperature) (the map
+   tinyqa/calibration.py fits), so scores compare across documents and can be thresholded; spans of one
+   document that overlap (the same answer seen by two overlapping windows, or "Oslo" inside "in Oslo") are
+   one answer, the best; with no_answer, the null answer scores the probability that none of the top_k
+   is right, prod(1 - confidence), and is ranked among them. A span's score is its logit sum above its
+   window's null score (<s>), the anchor that makes windows comparable.
+
 Worked example of (a)-(b): a window <s> q </s></s> c0 c1 </s> with start logits (2, ., ., ., 1, 3, .) over
 <s>, c0, c1 gives p_start = softmax(2, 1, 3) = (.245, .090, .665); the span c1..c1 scores .665 * p_end(c1).
 """
@@ -50,10 +60,12 @@ import numpy as np
 @dataclass
 class DecodeConfig:
     """How logits become answers. n_best is the run_qa decoder's (evaluate.py); top_k and align_to_words
-    are the answer API's; max_answer_len and handle_impossible_answer (the API's handle_impossible_answer) are both's."""
+    are the answer API's; max_answer_len and handle_impossible_answer are both's; null_threshold is run_qa's
+    null_score_diff_threshold (the null answer wins when its score beats the best span's by more)."""
     n_best: int = 20  # start and end candidates per window (run_qa's n_best_size)
     max_answer_len: int = 30  # tokens (run_qa's default; the 4.x pipeline's was 15)
     handle_impossible_answer: bool = False  # SQuAD 2.0-style models only: MRQA questions always have an answer
+    null_threshold: float = 0.0
     top_k: int = 1  # answers per question
     align_to_words: bool = True  # widen answers to whole words, as the pipeline does
 
@@ -67,6 +79,18 @@ class Answer:
     start: int  # char offsets into the context, end exclusive; 0, 0 for the null answer (as the pipeline)
     end: int
     logit_score: float = 0.0
+    confidence: float = 0.0  # calibrated: the probability that it is right (tinyqa/calibration.py)
+
+
+@dataclass
+class DocumentAnswer:
+    """One answer of QuestionAnswerer.read: a span of one document, ranked among every document's."""
+    text: str
+    score: float  # calibrated confidence that this answer is right (tinyqa/calibration.py)
+    document: object  # the document's id (its position when it came without one)
+    start: int  # char offsets into that document, end exclusive; 0, 0 for the null answer
+    end: int
+    logit_score: float = 0.0  # start + end logit above its window's null score (what the confidence maps)
 
 
 @dataclass
@@ -85,7 +109,8 @@ def best_span_in_window(start_logits, end_logits, offsets, n_best=20, max_answer
     return float(scores[0]), int(starts[0]), int(ends[0])
 
 
-def decode(examples, features, start_logits, end_logits, n_best=20, max_answer_len=30, handle_impossible_answer=False) -> dict:
+def decode(examples, features, start_logits, end_logits, n_best=20, max_answer_len=30, handle_impossible_answer=False,
+           null_threshold=0.0) -> dict:
     """{qid: Prediction} for every example. start_logits[i] / end_logits[i] are the (unpadded) logits of
     features[i]; an example whose windows have no valid span gets the empty answer with score -inf."""
     best = {}  # example index -> (score, feature index, token start, token end)
@@ -103,7 +128,7 @@ def decode(examples, features, start_logits, end_logits, n_best=20, max_answer_l
             out[ex.qid] = Prediction("", float("-inf"), -1, -1)
             continue
         score, fi, ts, te = best[i]
-        if handle_impossible_answer and null[i] > score:
+        if handle_impossible_answer and null[i] - score > null_threshold:
             out[ex.qid] = Prediction("", null[i], -1, -1)
             continue
         a, b = int(features[fi].offsets[ts, 0]), int(features[fi].offsets[te, 1])
@@ -214,9 +239,11 @@ def char_span(offsets, words, ts, te, align_to_words):
 
 
 def answer_example(context, windows, top_k=1, max_answer_len=30, handle_impossible_answer=False,
-                   align_to_words=True) -> list:
+                   align_to_words=True, calibration=None) -> list:
     """The top_k Answers of one question, best first, decoded as the QA pipeline does (module docstring).
-    windows: (start_logits, end_logits, offsets, words) of each of its features, in context order."""
+    windows: (start_logits, end_logits, offsets, words) of each of its features, in context order. With a
+    calibration, each answer's confidence is calibration.confidence of its span's score above its window's
+    null score (the best of the windows it was found in); the null answer's, the chance that none is right."""
     k = 2 * top_k + 10 if align_to_words else top_k  # the pipeline's candidates per window
     answers, by_text = [], {}  # by_text: lower-cased text -> index into answers
     null = None  # (probability, logit score) of the window with the smallest null probability
@@ -228,11 +255,49 @@ def answer_example(context, windows, top_k=1, max_answer_len=30, handle_impossib
         for p, ts, te in zip(*top_spans(p_start, p_end, is_context, k, max_answer_len)):
             a, b = char_span(offsets, words, ts, te, align_to_words)
             text = context[a:b]
+            logit = float(start_logits[ts] + end_logits[te])
+            confidence = calibration.confidence(logit - float(start_logits[0] + end_logits[0])) if calibration else 0.0
             if text.lower() in by_text:
-                answers[by_text[text.lower()]].score += float(p)
+                answer = answers[by_text[text.lower()]]
+                answer.score, answer.confidence = answer.score + float(p), max(answer.confidence, confidence)
             else:
                 by_text[text.lower()] = len(answers)
-                answers.append(Answer(text, float(p), a, b, float(start_logits[ts] + end_logits[te])))
+                answers.append(Answer(text, float(p), a, b, logit, confidence))
+    ranked = sorted(answers, key=lambda x: -x.score)[:top_k]  # stable: ties keep the order they were found
     if handle_impossible_answer and null is not None:
-        answers.append(Answer("", null[0], 0, 0, null[1]))
-    return sorted(answers, key=lambda x: -x.score)[:top_k]  # stable: ties keep the order they were found
+        answers.append(Answer("", null[0], 0, 0, null[1], float(np.prod([1 - x.confidence for x in ranked]))))
+        ranked = sorted(answers, key=lambda x: -x.score)[:top_k]
+    return ranked
+
+
+# --- QuestionAnswerer.read's decoder: one ranking across documents
+
+def rank_documents(texts, ids, windows, calibration, top_k=1, max_answer_len=30, n_best=20, no_answer=False,
+                   align_to_words=True) -> list:
+    """The top_k DocumentAnswers of one question over documents `texts` (their `ids`), best first.
+    windows: (document index, start_logits, end_logits, offsets, words) of every window of every document;
+    with align_to_words a span is widened to whole words (char_span), as the answer API does.
+    Every window offers its n_best x n_best valid spans (run_qa's candidates), each scored by how far its
+    logit sum stands above its window's null score (start_logit + end_logit of <s>: training labels a window
+    without the answer there, so it is the window's own "no answer here", the anchor that makes scores of
+    different windows comparable; raw logit sums drift from window to window). Taken best first, a span is
+    kept unless it overlaps one already kept in the same document (non-maximum suppression: a span seen by
+    two overlapping windows is kept once)."""
+    candidates = []  # (logit score, document, char start, char end)
+    for d, start_logits, end_logits, offsets, words in windows:
+        scores, starts, ends = window_candidates(np.asarray(start_logits, np.float64),
+                                                 np.asarray(end_logits, np.float64), offsets, n_best, max_answer_len)
+        null = float(start_logits[0] + end_logits[0])
+        candidates += [(float(sc) - null, d, *char_span(offsets, words, ts, te, align_to_words))
+                       for sc, ts, te in zip(scores, starts, ends)]
+    kept = []
+    for score, d, a, b in sorted(candidates, key=lambda c: -c[0]):  # stable: ties keep window order
+        if len(kept) == top_k:
+            break
+        if not any(d == d2 and a < b2 and a2 < b for _, d2, a2, b2 in kept):
+            kept.append((score, d, a, b))
+    answers = [DocumentAnswer(texts[d][a:b], calibration.confidence(s), ids[d], a, b, s) for s, d, a, b in kept]
+    if no_answer:
+        answers.append(DocumentAnswer("", float(np.prod([1 - x.score for x in answers])), None, 0, 0))
+        answers.sort(key=lambda x: -x.score)  # stable: the null answer after spans of equal score
+    return answers

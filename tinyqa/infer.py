@@ -56,7 +56,8 @@ def predict(model, tokenizer, examples, fcfg=FeaturizerConfig(), dcfg=DecodeConf
             device="cpu", progress=False) -> dict:
     """{qid: Prediction} for a list of Examples."""
     features, starts, ends = forward_examples(model, tokenizer, examples, fcfg, batch_size, device, progress)
-    return decode(examples, features, starts, ends, dcfg.n_best, dcfg.max_answer_len, dcfg.handle_impossible_answer)
+    return decode(examples, features, starts, ends, dcfg.n_best, dcfg.max_answer_len, dcfg.handle_impossible_answer,
+                  dcfg.null_threshold)
 
 
 def forward_examples(model, tokenizer, examples, fcfg=FeaturizerConfig(), batch_size=64, device="cpu",
