@@ -64,7 +64,9 @@ def as_dicts(answers):
 
 
 def test_health_page_and_answers(server, qa, checkpoint):
-    assert request(server, "GET", "/health") == (200, {"status": "ok", "model": "random-test-model"})
+    status, health = request(server, "GET", "/health")
+    assert status == 200 and health["status"] == "ok" and health["model"]["name"] == "random-test-model"
+    assert health["model"]["type"] == "roberta" and health["calibrated"] is False
     status, page = request(server, "GET", "/")
     assert status == 200 and "<mark" not in page and "random-test-model" in page
     assert "http://" not in page.replace("http://www.w3.org", "") and "https://" not in page  # nothing external

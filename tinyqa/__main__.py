@@ -18,8 +18,8 @@ import json
 import os
 import sys
 
-from .cli import (DTYPES, HelpFormatter, add_decoder_args, add_featurizer_args, add_inference_model_args, nonneg_int,
-                  positive_int)
+from .cli import (DTYPES, HelpFormatter, add_decoder_args, add_featurizer_args, add_inference_model_args,
+                  nonneg_float, nonneg_int, positive_int)
 from .answerer import text_problem
 from .errors import TinyQAError, cli_errors
 from .files import JSON_ERRORS, json_problem, strict_json
@@ -54,6 +54,11 @@ def build_parser():
     g.add_argument("--questions", metavar="FILE", help="a file of questions, one a line ('-' for stdin), "
                    "all about --context")
     g.add_argument("--context", help="the text to find the answers in, or @FILE to read it from a file")
+    g.add_argument("--documents", nargs="+", metavar="FILE",
+                   help="read --question over many documents, one ranking across them: each FILE is a document "
+                        "(its id: the file name), or a .jsonl file of {\"id\", \"text\"} objects or strings")
+    g.add_argument("--no-answer", action="store_true",
+                   help="with --documents, also rank the null answer: the probability that none of the top-k is right")
     g.add_argument("--top-k", type=positive_int, default=1, help="answers per question, best first")
     g.add_argument("--chunk-size", type=positive_int, default=64,
                    help="questions read and answered together before their answers are printed")
@@ -70,6 +75,18 @@ def build_parser():
     s.add_argument("--port", type=nonneg_int, default=8000, help="port (0: any free port, printed)")
     s.add_argument("--max-body-bytes", type=positive_int, default=1_000_000,
                    help="larger requests are refused with 413")
+    s.add_argument("--allow-host", action="append", default=[], metavar="NAME",
+                   help="also answer requests whose Host header is NAME (repeatable; localhost names and the "
+                        "--host address are always allowed): any other Host is refused, against DNS rebinding")
+    s.add_argument("--cors", metavar="ORIGIN", default=None,
+                   help="let web pages from ORIGIN call the API (Access-Control-Allow-Origin); none by default")
+    s.add_argument("--batch-tokens", type=positive_int, default=None,
+                   help="tokens of concurrent requests' windows run in one forward pass (default: 512 on a CPU, "
+                        "where smaller passes keep a short request's wait short, 16384 on a GPU)")
+    s.add_argument("--batch-wait-ms", type=nonneg_float, default=2.0,
+                   help="how long the model waits for more requests to batch before it runs")
+    s.add_argument("--backlog", type=positive_int, default=1024,
+                   help="connections the operating system holds while all threads are busy")
     add_model_args(s)
     e = sub.add_parser("export", help="write the model as ONNX (model.onnx + config and tokenizer) for ONNX Runtime",
                        description="Export a QA checkpoint to ONNX: inputs input_ids, attention_mask (and token_type_ids "
@@ -80,6 +97,15 @@ def build_parser():
     e.add_argument("--onnx", required=True, metavar="DIR", help="folder to write model.onnx and the tokenizer files to")
     e.add_argument("--opset", type=positive_int, default=17, help="ONNX opset version (14 or later)")
     e.add_argument("--overwrite", action="store_true", help="replace an earlier export in --onnx (only its files)")
+    c = sub.add_parser("calibrate", help="fit the model's confidence (and null threshold) on labelled data and "
+                       "write calibration.json into its folder", description=CALIBRATE_HELP, formatter_class=HelpFormatter)
+    c.add_argument("--data", nargs="+", required=True, metavar="FILE",
+                   help="labelled MRQA or SQuAD files to fit on (SQuAD 2.0 files also fit the null threshold)")
+    c.add_argument("--heldout", nargs="+", default=[], metavar="FILE",
+                   help="labelled files to report the calibration error on, before and after, without fitting on them")
+    c.add_argument("--plot", metavar="PNG", help="write the reliability diagram here (needs matplotlib)")
+    c.add_argument("--bins", type=positive_int, default=10, help="equal-width confidence bins of the calibration error")
+    add_model_args(c)
     sub.add_parser("demo", add_help=False,
                    help="offline end to end: synthetic data, teacher, distilled and CE-only students, evaluation "
                         "(python -m tinyqa demo --help for its flags)")
@@ -96,7 +122,9 @@ def main(argv=None):
             from . import demo
             demo.main(rest)
         elif args.command == "answer":
-            answer_command(args)
+            answer_command(args) if not args.documents else read_command(args)
+        elif args.command == "calibrate":
+            calibrate_command(args)
         elif args.command == "serve":
             serve_command(args)
         elif args.command == "export":
@@ -171,6 +199,71 @@ def answer_rows(qa, rows, options, skipped) -> int:
         print(line, flush=True)
         n += 1
     return n
+
+
+CALIBRATE_HELP = """Fit a checkpoint's confidence on labelled questions and write it into the checkpoint as
+calibration.json, which answer, read, evaluate.py and serve then use:
+  confidence = sigmoid((start_logit + end_logit - null score - offset) / temperature)   (uncalibrated: 1 and 0)
+On SQuAD 2.0-style data the null answer's threshold is fitted too (run_qa's null_score_diff_threshold,
+chosen for the best F1). Prints the expected calibration error before and after, on --data and on every
+--heldout set; --plot draws the reliability diagram."""
+
+
+def calibrate_command(args):
+    import os
+
+    from .calibrate import calibrate, check_plot
+    from .checks import check_input_files, check_output_file
+    if not os.path.isdir(args.model):
+        raise TinyQAError(f"--model {args.model}: calibrate writes calibration.json into the checkpoint: give its "
+                          "local directory (an alias or hub id lives in the read-only hub cache)")
+    if not os.access(args.model, os.W_OK):
+        raise TinyQAError(f"--model {args.model}: not writable (permission denied)")
+    check_input_files(args.data, "--data")
+    check_input_files(args.heldout, "--heldout")
+    check_output_file(args.plot, "--plot")
+    check_plot(args.plot)
+    qa = load_answerer(args)
+    calibrate(qa, args.model, args.data, args.heldout, bins=args.bins, plot=args.plot, batch_size=args.batch_size,
+              device=args.device)
+
+
+def read_command(args):
+    """--question over --documents: the answers of one ranking across them, printed as JSON (or text)."""
+    if args.question is None or args.context is not None or args.questions is not None:
+        raise TinyQAError("--documents reads one --question over the documents: give --question, not --context "
+                          "or --questions")
+    documents = read_documents(args.documents)
+    qa = load_answerer(args)
+    answers = qa.read(args.question, documents, top_k=args.top_k, no_answer=args.no_answer)
+    if args.json:
+        print(strict_json([dataclasses.asdict(a) for a in answers]))
+    else:
+        for a in answers:
+            print(f"{a.score:.4f}\t{a.document}\t{a.text}")
+
+
+def read_documents(paths):
+    """The documents of --documents: each file one document, its id the file name; a .jsonl file many."""
+    docs = []
+    for path in paths:
+        f = open_binary(path, "--documents")
+        with f:
+            if not path.endswith(".jsonl"):
+                try:
+                    docs.append({"id": path, "text": f.read().decode("utf-8-sig")})
+                except UnicodeDecodeError as e:
+                    raise TinyQAError(f"{path}: not UTF-8 text (byte {e.start}); convert it to UTF-8")
+                continue
+            for where, line in binary_lines(f, path):
+                if isinstance(line, UnicodeDecodeError):
+                    raise TinyQAError(f"{where}: not UTF-8 text (byte {line.start})")
+                if line.strip():
+                    try:
+                        docs.append(json.loads(line))
+                    except JSON_ERRORS as e:
+                        raise TinyQAError(f"{where}: {json_problem(e)}")
+    return docs
 
 
 def load_answerer(args):
@@ -297,9 +390,13 @@ def serve_command(args):
     except ValueError:
         loopback = args.host == "localhost"
     if not loopback:
-        print(f"notice: listening on {args.host}, reachable from other machines; there is no authentication",
-              file=sys.stderr)
-    serve(load_answerer(args), args.host, args.port, args.max_body_bytes, model_name=args.model)
+        print(f"notice: listening on {args.host}, reachable from other machines; there is no authentication; "
+              "requests must name this machine in their Host header: add its names with --allow-host", file=sys.stderr)
+    # /health names the model without a local path: an alias or hub id as given, a folder by its name
+    label = os.path.basename(os.path.normpath(args.model)) if os.path.exists(args.model) else args.model
+    serve(load_answerer(args), args.host, args.port, model_name=label, max_body_bytes=args.max_body_bytes,
+          allow_hosts=args.allow_host, cors=args.cors, batch_tokens=args.batch_tokens,
+          batch_wait_ms=args.batch_wait_ms, backlog=args.backlog)
 
 
 if __name__ == "__main__":

@@ -1,40 +1,60 @@
 """`python -m tinyqa serve`: the answer API as JSON over HTTP, and one page to try it. Standard library only.
 
     POST /answer   {"question": "Who wrote Hamlet?", "context": "Hamlet is ...", "top_k": 3}
-                -> {"answers": [[{"text", "score", "start", "end", "logit_score"}, ...]]}
-    GET  /health   {"status": "ok", "model": ...}
+                -> {"answers": [[{"text", "score", "start", "end", "logit_score", "confidence"}, ...]]}
+    POST /read     {"question": "Who wrote Hamlet?", "documents": ["...", {"id": "b", "text": "..."}], "top_k": 3}
+                -> {"answers": [{"text", "score", "document", "start", "end", "logit_score"}, ...]}
+    GET  /health   {"status": "ok", "model": {...}, "calibrated": ...}   (no local paths)
+    GET  /metrics  counters and histograms in Prometheus' text format
     GET  /         the page: paste a context, ask, see the answer highlighted with its score
 
-A request holds one question or many, in the API's shapes: "question" and "context" each a string or a
-list (a list of questions with one context shares it), or "inputs": [{"question", "context"}, ...]. The
-options are the API's (top_k, max_answer_len, max_seq_len, doc_stride, max_question_len,
-handle_impossible_answer, align_to_words). "answers" holds one list per question, in request order, of up
-to top_k answers, best first; start and end are offsets in code points (Python's str indices).
+/answer takes one question or many, in the API's shapes: "question" and "context" each a string or a list
+(a list of questions with one context shares it), or "inputs": [{"question", "context"}, ...]; the options
+are the API's. "answers" holds one list per question, in request order, best first; start and end are
+offsets in code points (Python's str indices). /read is QuestionAnswerer.read: one ranking across documents.
 
-Each request runs in its own thread (ThreadingHTTPServer), but the model runs under one lock: requests are
-parsed and checked in parallel and answered one batch at a time, so concurrent requests can never mix
-their answers. Bad requests get a JSON {"error": ...} with 400 (bad JSON, a missing or empty field, a bad
-option), 411 (no Content-Length) or 413 (a body over --max-body-bytes, never read into memory).
+Requests run in threads of their own; the model runs in one more (tinyqa/batcher.py), which takes the
+windows of concurrent requests together, a budget of tokens per forward pass, least-served request first:
+answers never mix, and a large request cannot starve a small one.
+
+What it refuses: a Host header other than the localhost names, the --host address and --allow-host ones
+(a web page cannot reach it by DNS rebinding), and without --cors every cross-origin browser call; every
+client error is a JSON {"error"} with its status: 400 (bad JSON, a field of the wrong type, a bad option,
+text that is not valid Unicode), 403 (a Host not allowed), 404, 405, 411 (no Content-Length), 413 (a body
+over --max-body-bytes, never read into memory). SIGTERM or Ctrl-C stop accepting connections, finish the
+requests in flight, then exit.
+
+Why the standard library and not an ASGI server (uvicorn, starlette): the model, not the HTTP layer, is
+what a request waits for; threads that block on the batcher are as good as coroutines here, and serving
+takes no dependency beyond tinyqa's own.
 """
+import copy
 import html
 import json
 import re
+import signal
 import sys
 import threading
+import time
 import traceback
 from dataclasses import asdict
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+from .batcher import Batcher
 from .errors import TinyQAError
 from .files import JSON_ERRORS, json_problem, strict_json
+from .prometheus import Metrics
 
 OPTIONS = ("top_k", "max_answer_len", "max_seq_len", "doc_stride", "max_question_len", "handle_impossible_answer",
            "align_to_words")
+READ_OPTIONS = ("top_k", "max_answer_len", "max_seq_len", "doc_stride", "max_question_len", "align_to_words",
+                "no_answer")
+LOCAL_HOSTS = ("localhost", "127.0.0.1", "::1")
+ROUTES = {"/": "GET", "/health": "GET", "/metrics": "GET", "/answer": "POST", "/read": "POST"}
 
 
-def parse_request(body: bytes):
-    """(pairs, options) of a POST /answer body; raises TinyQAError saying what is wrong."""
-    from .answerer import pairs_of
+def json_body(body: bytes, fields):
+    """The request body as a JSON object with only `fields`; raises TinyQAError saying what is wrong."""
     try:
         req = json.loads(body.decode("utf-8"))
     except UnicodeDecodeError as e:
@@ -42,10 +62,17 @@ def parse_request(body: bytes):
     except JSON_ERRORS as e:
         raise TinyQAError(f"the body is {json_problem(e)}")
     if not isinstance(req, dict):
-        raise TinyQAError('the body must be a JSON object: {"question": ..., "context": ...}')
-    unknown = sorted(set(req) - {"question", "context", "inputs", *OPTIONS})
+        raise TinyQAError('the body must be a JSON object: {"question": ..., ...}')
+    unknown = sorted(set(req) - set(fields))
     if unknown:
-        raise TinyQAError(f"unknown field '{unknown[0]}' (fields: question, context, inputs, {', '.join(OPTIONS)})")
+        raise TinyQAError(f"unknown field '{unknown[0]}' (fields: {', '.join(fields)})")
+    return req
+
+
+def parse_request(body: bytes):
+    """(pairs, options) of a POST /answer body; raises TinyQAError saying what is wrong."""
+    from .answerer import pairs_of
+    req = json_body(body, ("question", "context", "inputs", *OPTIONS))
     options = {k: req[k] for k in OPTIONS if k in req and req[k] is not None}
     if "inputs" in req:
         if "question" in req or "context" in req:
@@ -70,34 +97,104 @@ def parse_request(body: bytes):
     return pairs, options
 
 
+def parse_read(body: bytes):
+    """(question, documents, options) of a POST /read body (QuestionAnswerer.read checks their values)."""
+    req = json_body(body, ("question", "documents", *READ_OPTIONS))
+    for key in ("question", "documents"):
+        if key not in req:
+            raise TinyQAError(f"missing field '{key}'")
+    if not isinstance(req["documents"], list):
+        raise TinyQAError('documents must be a list of strings or {"text": ..., "id": ...} objects')
+    return req["question"], req["documents"], {k: req[k] for k in READ_OPTIONS if k in req and req[k] is not None}
+
+
+def host_name(header):
+    """The name in a Host header, without its port: "127.0.0.1:8000" -> 127.0.0.1, "[::1]:80" -> ::1."""
+    header = header.strip().lower()
+    if header.startswith("["):
+        return header[1:header.find("]")] if "]" in header else header
+    return header.rsplit(":", 1)[0] if header.count(":") == 1 else header
+
+
 class Handler(BaseHTTPRequestHandler):
     server_version = "tinyqa"
     timeout = 60  # seconds a client may take to send its request: a stalled one cannot hold a thread forever
 
     def do_GET(self):
-        path = self.path.split("?", 1)[0]
+        path = self.route()
+        if path is None:
+            return
         if path == "/":
-            self.send(200, PAGE.replace("{{MODEL}}", html.escape(self.server.model_name)).encode(),
+            self.send(200, PAGE.replace("{{MODEL}}", html.escape(self.server.model_label)).encode(),
                       "text/html; charset=utf-8")
         elif path == "/health":
-            self.send_json(200, {"status": "ok", "model": self.server.model_name})
-        elif path == "/answer":
-            self.send_json(405, {"error": "POST a JSON body to /answer"}, {"Allow": "POST"})
-        else:
-            self.send_json(404, {"error": f"no such page {path}: try /, /health or POST /answer"})
+            self.send_json(200, {"status": "draining" if self.server.draining else "ok",
+                                 "model": self.server.model_info, "calibrated": self.server.calibrated})
+        elif path == "/metrics":
+            self.send(200, self.server.render_metrics().encode(), "text/plain; version=0.0.4; charset=utf-8")
 
     def do_POST(self):
-        if self.path.split("?", 1)[0] != "/answer":
-            return self.send_json(404, {"error": "POST to /answer"})
+        path = self.route()
+        if path is None:
+            return
+        body = self.read_body()
+        if body is None:
+            return
+        t = time.perf_counter()
+        try:
+            result = self.server.answer(path, body)
+        except TinyQAError as e:
+            return self.send_json(400, {"error": str(e)})
+        except Exception as e:  # a bug, not the client's fault: say so, and keep serving
+            traceback.print_exc()
+            return self.send_json(500, {"error": f"internal error ({type(e).__name__}): see the server's log"})
+        self.server.metrics.observe("tinyqa_request_seconds", time.perf_counter() - t)
+        self.send_json(200, result)
+
+    def do_OPTIONS(self):
+        """A browser's preflight before a cross-origin POST: allowed only with --cors."""
+        path = self.route(method="OPTIONS")
+        if path is not None:
+            self.send(204, b"", "application/json", {"Access-Control-Allow-Methods": ROUTES[path],
+                                                    "Access-Control-Allow-Headers": "Content-Type"})
+
+    def do_other(self):
+        self.route(method=self.command)
+
+    do_PUT = do_DELETE = do_PATCH = do_TRACE = do_CONNECT = do_HEAD = do_other
+
+    def route(self, method=None):
+        """The path, when this request may be answered here; else answers it with its JSON error and
+        gives None: a Host not allowed (403), a path not served (404), a method it does not take (405)."""
+        method, path = method or self.command, self.path.split("?", 1)[0]
+        host = self.headers.get("Host")
+        if host is None or host_name(host) not in self.server.allowed_hosts:
+            self.send_json(403 if host else 400, {"error": f"Host {host!r} is not served here (start the server "
+                                                           "with --allow-host NAME to answer it)" if host else
+                                                  "a Host header is required"})
+            return None
+        if path not in ROUTES:
+            self.send_json(404, {"error": f"no such page {path}: try /, /health, /metrics, POST /answer or POST /read"})
+            return None
+        if method == "OPTIONS" and self.server.cors is not None:
+            return path
+        if method != ROUTES[path]:
+            self.send_json(405, {"error": f"{method} is not served here: {ROUTES[path]} {path}"}, {"Allow": ROUTES[path]})
+            return None
+        return path
+
+    def read_body(self):
+        """The body of a POST, or None once a 411/413/400 has answered it (a body too large is not read
+        into memory, but drained so that closing the socket does not reset the connection before the
+        client reads the error)."""
         length = self.headers.get("Content-Length")
         if length is None or not re.fullmatch(r"[0-9]{1,15}", length.strip()):
             self.close_connection = True
-            return self.send_json(411 if length is None else 400,
-                                  {"error": "a Content-Length header (a whole number of bytes) is required"})
+            self.send_json(411 if length is None else 400,
+                           {"error": "a Content-Length header (a whole number of bytes) is required"})
+            return None
         length, limit = int(length), self.server.max_body_bytes
         if length > limit:
-            # Not read into memory, but drained (up to 16 MB) before the connection closes: closing a socket
-            # with unread data makes the kernel reset it, and the client could lose the 413 with it.
             self.close_connection = True
             left = min(length, 16 << 20)
             while left > 0:
@@ -105,30 +202,10 @@ class Handler(BaseHTTPRequestHandler):
                 if not got:
                     break
                 left -= got
-            return self.send_json(413, {"error": f"the body is {length} bytes, over this server's limit of {limit} "
-                                                 "(--max-body-bytes): send fewer or shorter contexts per request"})
-        body = self.rfile.read(length)
-        try:
-            pairs, options = parse_request(body)
-            self.server.qa._configs(**options)  # bad option values are the client's error: check before the lock
-            with self.server.lock:
-                results = self.server.qa.answer_batch(pairs, **options)
-        except TinyQAError as e:
-            return self.send_json(400, {"error": str(e)})
-        except Exception as e:  # a bug, not the client's fault: say so, and keep serving
-            traceback.print_exc()
-            return self.send_json(500, {"error": f"internal error ({type(e).__name__}): see the server's log"})
-        answers = [[asdict(a) for a in (r if isinstance(r, list) else [r])] for r in results]
-        self.send_json(200, {"answers": answers})
-
-    def do_other(self):
-        path = self.path.split("?", 1)[0]
-        allow = {"/": "GET", "/health": "GET", "/answer": "POST"}.get(path)
-        if allow is None:
-            return self.send_json(404, {"error": f"no such page {path}: try /, /health or POST /answer"})
-        self.send_json(405, {"error": f"{self.command} is not served here: {allow} {path}"}, {"Allow": allow})
-
-    do_PUT = do_DELETE = do_PATCH = do_OPTIONS = do_TRACE = do_CONNECT = do_HEAD = do_other
+            self.send_json(413, {"error": f"the body is {length} bytes, over this server's limit of {limit} "
+                                          "(--max-body-bytes): send fewer or shorter contexts per request"})
+            return None
+        return self.rfile.read(length)
 
     def send_error(self, code, message=None, explain=None):
         """http.server's own errors (a malformed request line, an unknown method, headers too long) as JSON,
@@ -144,10 +221,13 @@ class Handler(BaseHTTPRequestHandler):
 
     def handle(self):
         """One connection; a client that hangs up or stalls mid-request costs one log line, not a traceback."""
+        self.server.in_flight(+1)
         try:
             super().handle()
         except (ConnectionError, TimeoutError) as e:
             self.log_message("connection dropped: %s", type(e).__name__)
+        finally:
+            self.server.in_flight(-1)
 
     def send_json(self, status, obj, headers=None):
         self.send(status, strict_json(obj).encode(), "application/json", headers)
@@ -156,38 +236,109 @@ class Handler(BaseHTTPRequestHandler):
         self.send_response(status)
         self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(data)))
+        if self.server.cors is not None:
+            self.send_header("Access-Control-Allow-Origin", self.server.cors)
         for k, v in (headers or {}).items():
             self.send_header(k, v)
         self.end_headers()
-        self.wfile.write(data)
+        if self.command != "HEAD":
+            self.wfile.write(data)
+        self.server.metrics.count("tinyqa_requests_total", path=self.path.split("?", 1)[0][:40], code=status)
 
     def log_message(self, format, *args):
         if not self.server.quiet:
             super().log_message(format, *args)
 
 
-def make_server(qa, host="127.0.0.1", port=8000, max_body_bytes=1_000_000, model_name="", quiet=False):
-    """A ThreadingHTTPServer answering with `qa` (port 0: any free port, see server.server_address)."""
-    server = ThreadingHTTPServer((host, port), Handler)
-    server.daemon_threads = True
-    server.qa, server.lock, server.max_body_bytes = qa, threading.Lock(), max_body_bytes
-    server.model_name, server.quiet = model_name, quiet
-    return server
+class QAServer(ThreadingHTTPServer):
+    """The HTTP server, its model thread (Batcher) and its metrics. Request threads are not daemons and
+    server_close joins them, so a shutdown finishes every request in flight."""
+    daemon_threads = False
+    block_on_close = True
+
+    def __init__(self, address, qa, backlog=1024, **kw):
+        self.request_queue_size = backlog  # the listen backlog: connections held while every thread is busy
+        super().__init__(address, Handler)
+        self.metrics, self.draining, self.connections, self.lock = Metrics(), False, 0, threading.Lock()
+        self.batcher = Batcher(qa.model, kw["batch_tokens"], kw["batch_wait_ms"] / 1000, qa.batch_size, qa.device,
+                               on_pass=self._count_pass)
+        self.qa = copy.copy(qa)  # the caller's answerer keeps running the model itself
+        self.qa.runner = self.batcher.run
+        self.max_body_bytes, self.cors, self.quiet = kw["max_body_bytes"], kw["cors"], kw["quiet"]
+        self.model_label = kw["model_name"]
+        self.allowed_hosts = {*LOCAL_HOSTS, *(h.lower() for h in kw["allow_hosts"])}
+        if address[0] not in ("", "0.0.0.0", "::"):
+            self.allowed_hosts.add(address[0].lower())
+        cfg = qa.model.config
+        self.model_info = {"name": kw["model_name"], "type": cfg.model_type, "layers": cfg.num_hidden_layers,
+                           "hidden_size": cfg.hidden_size, "parameters": sum(p.numel() for p in qa.model.parameters())}
+        self.calibrated = bool(qa.calibration.fitted_on)
+
+    def answer(self, path, body) -> dict:
+        """The JSON answer of a POST /answer or /read (TinyQAError: the client's mistake)."""
+        if path == "/answer":
+            pairs, options = parse_request(body)
+            results = self.qa.answer_batch(pairs, **options)
+            self.metrics.count("tinyqa_questions_total", len(pairs))
+            return {"answers": [[asdict(a) for a in (r if isinstance(r, list) else [r])] for r in results]}
+        question, documents, options = parse_read(body)
+        answers = self.qa.read(question, documents, **options)
+        self.metrics.count("tinyqa_questions_total")
+        return {"answers": [asdict(a) for a in answers]}
+
+    def _count_pass(self, windows, tokens, seconds):
+        self.metrics.observe("tinyqa_batch_windows", windows)
+        self.metrics.observe("tinyqa_batch_seconds", seconds)
+        self.metrics.count("tinyqa_batch_tokens_total", tokens)
+
+    def render_metrics(self) -> str:
+        return self.metrics.render({"tinyqa_queue_windows": ("Windows waiting for the model.", self.batcher.queued),
+                                    "tinyqa_connections": ("Connections being served.", self.connections)})
+
+    def in_flight(self, change):
+        with self.lock:
+            self.connections += change
+
+    def server_close(self):
+        """Stop listening, finish the requests in flight (their threads are joined), then the model thread."""
+        self.draining = True
+        super().server_close()
+        self.batcher.stop()
 
 
-def serve(qa, host="127.0.0.1", port=8000, max_body_bytes=1_000_000, model_name=""):
+def make_server(qa, host="127.0.0.1", port=8000, max_body_bytes=1_000_000, model_name="", quiet=False,
+                allow_hosts=(), cors=None, batch_tokens=None, batch_wait_ms=2.0, backlog=1024):
+    """A QAServer answering with `qa` (port 0: any free port, see server.server_address). batch_tokens: the
+    model thread's budget per forward pass (default: 512 on a CPU, where short passes keep a short request's
+    wait short and lose little speed; 16384 on a GPU, which wants big passes)."""
+    if batch_tokens is None:
+        batch_tokens = 512 if qa.device.startswith("cpu") else 16 * 1024
+    return QAServer((host, port), qa, backlog, max_body_bytes=max_body_bytes, model_name=model_name, quiet=quiet,
+                    allow_hosts=allow_hosts, cors=cors, batch_tokens=max(batch_tokens, 1), batch_wait_ms=batch_wait_ms)
+
+
+def serve(qa, host="127.0.0.1", port=8000, model_name="", **kw):
+    """Serve until SIGTERM or Ctrl-C, then stop accepting, finish what is in flight and exit."""
     try:
-        server = make_server(qa, host, port, max_body_bytes, model_name)
+        server = make_server(qa, host, port, model_name=model_name, **kw)
     except OSError as e:
         raise TinyQAError(f"cannot listen on {host}:{port} ({e.strerror}): pick another --port or --host")
     h, p = server.server_address[:2]
     print(f"serving {model_name} on http://{h if ':' not in h else f'[{h}]'}:{p}/ (Ctrl-C stops)", flush=True)
+
+    def stop(signum, frame):
+        print(f"{signal.Signals(signum).name}: finishing the requests in flight, accepting no more", file=sys.stderr,
+              flush=True)
+        threading.Thread(target=server.shutdown).start()  # shutdown() waits for serve_forever: another thread
+
+    previous = {s: signal.signal(s, stop) for s in (signal.SIGTERM, signal.SIGINT)}
     try:
         server.serve_forever()
-    except KeyboardInterrupt:
-        print("stopped", file=sys.stderr)
     finally:
         server.server_close()
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    print("stopped", file=sys.stderr)
 
 
 PAGE = """<!doctype html>

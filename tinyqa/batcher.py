@@ -1,0 +1,117 @@
+"""One thread runs the model for every request of the server: concurrent requests' windows go through it
+together, a budget of tokens at a time, and no large request can starve a small one.
+
+Each request thread featurizes its own questions, hands its windows to `Batcher.run` and waits; the model
+thread collects for `wait_s` after the first window arrives (or until `max_tokens` are waiting), runs them
+as one forward pass of run_model (length-sorted, padded per batch), and routes each window's logits back;
+the request thread then decodes its own answers. Which windows go next: the requests that have been served
+the fewest tokens so far go first, one window each in turn, until the budget is full. So a one-question
+request that arrives during a thousand-question one waits for at most the pass in flight, then shares the
+next one; the large request keeps the rest of each pass.
+
+Why this pays on a CPU, where a forward pass already keeps both cores busy: a question alone is one short
+window, whose matmuls run well under the machine's peak; several in one pass run near it. And the request
+threads tokenize, decode and talk HTTP while the model runs. On a GPU the same batching matters more (a
+pass of one window leaves most of the device idle), with a larger token budget.
+"""
+import threading
+import time
+from collections import deque
+
+from .infer import run_model
+
+
+class _Job:
+    def __init__(self, features):
+        self.features, self.waiting = features, deque(range(len(features)))
+        self.starts, self.ends = [None] * len(features), [None] * len(features)
+        self.served, self.done, self.error = 0, threading.Event(), None
+
+
+class Batcher:
+    def __init__(self, model, max_tokens=512, wait_s=0.002, batch_size=64, device="cpu", on_pass=None):
+        self.model, self.max_tokens, self.wait_s = model, max_tokens, wait_s
+        self.batch_size, self.device, self.on_pass = batch_size, device, on_pass  # on_pass(windows, tokens, s)
+        self.jobs, self.cond, self.stopping = [], threading.Condition(), False
+        self.thread = threading.Thread(target=self._loop, name="tinyqa-batcher", daemon=True)
+        self.thread.start()
+
+    def run(self, features):
+        """(start logits, end logits) of each feature, computed with other requests' windows: a request
+        thread's `runner` (QuestionAnswerer.runner). Blocks until all of them are done."""
+        if not features:
+            return [], []
+        job = _Job(features)
+        with self.cond:
+            if self.stopping:
+                raise RuntimeError("the server is shutting down")
+            self.jobs.append(job)
+            self.cond.notify()
+        job.done.wait()
+        if job.error is not None:
+            raise job.error
+        return job.starts, job.ends
+
+    @property
+    def queued(self) -> int:
+        """Windows waiting for the model (for /metrics)."""
+        with self.cond:
+            return sum(len(j.waiting) for j in self.jobs)
+
+    def stop(self):
+        """Finish every window handed in, then end the model thread."""
+        with self.cond:
+            self.stopping = True
+            self.cond.notify()
+        self.thread.join()
+
+    def _loop(self):
+        while True:
+            with self.cond:
+                while not self.jobs and not self.stopping:
+                    self.cond.wait()
+                if not self.jobs:
+                    return
+            time.sleep(self.wait_s)  # let concurrent requests join this pass
+            with self.cond:
+                picked = self._pick()
+            self._run(picked)
+
+    def _pick(self):
+        """[(job, window index)] for the next pass: least-served requests first, one window each in turn,
+        until max_tokens (at least one window)."""
+        picked, tokens = [], 0
+        order = sorted(self.jobs, key=lambda j: j.served)
+        while any(j.waiting for j in order):
+            for job in order:
+                if not job.waiting:
+                    continue
+                n = len(job.features[job.waiting[0]].input_ids)
+                if picked and tokens + n > self.max_tokens:
+                    return picked
+                picked.append((job, job.waiting.popleft()))
+                job.served += n
+                tokens += n
+        return picked
+
+    def _run(self, picked):
+        t = time.perf_counter()
+        try:
+            starts, ends = run_model(self.model, [job.features[i] for job, i in picked], self.batch_size, self.device)
+        except Exception as e:  # handed to every request of the pass; the server answers them with a 500
+            starts = ends = None
+            for job, _ in picked:
+                job.error = e
+        finished = set()
+        with self.cond:
+            for k, (job, i) in enumerate(picked):
+                if starts is not None:
+                    job.starts[i], job.ends[i] = starts[k], ends[k]
+                if job.error is not None or (not job.waiting and all(s is not None for s in job.starts)):
+                    finished.add(job)
+            self.jobs = [j for j in self.jobs if j not in finished]
+        for job in finished:
+            job.done.set()
+        if self.on_pass:
+            self.on_pass(len(picked), sum(len(job.features[i].input_ids) for job, i in picked),
+                         time.perf_counter() - t)
