@@ -43,7 +43,9 @@ def build_parser():
     g = p.add_argument_group("data")
     g.add_argument("--split", choices=["dev", "test"], default=None,
                    help="official MRQA split to download and evaluate: dev = the six in-domain dev sets, "
-                        "test = the six out-of-domain dev sets (default: dev, unless --data is given)")
+                        "test = the six out-of-domain dev sets (default: dev, unless --data is given); from the "
+                        "release's URLs, or the copy that TINYQA_MRQA_MIRROR=URL or TINYQA_MRQA_SPLITS=table.json "
+                        "names (tinyqa/catalog.py)")
     g.add_argument("--data", nargs="+", metavar="FILE",
                    help="local MRQA .jsonl(.gz) or SQuAD .json files instead of --split")
     g.add_argument("--skip-bad", action="store_true",
