@@ -114,30 +114,54 @@ def _hub_unreachable():
     return None
 
 
-def _hub_download(repo_id: str, filename: str, optional=False, flag=None):
+def _hub_download(repo_id: str, filename: str, optional=False, flag=None, revision=None):
+    """The local path of one file of a hub repo (at `revision`, else main), from the HF cache or downloaded
+    into it; None for an optional file the repo lacks (or, offline, the cache lacks)."""
     from huggingface_hub import constants, hf_hub_download
-    from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError, RepositoryNotFoundError
-    name = f"{flag} {repo_id}" if flag else repr(repo_id)
     offline = constants.HF_HUB_OFFLINE or _hub_unreachable()
     try:
         # Offline, only the HF cache is looked at (no retries); online, huggingface_hub also checks for updates.
-        return hf_hub_download(repo_id, filename, local_files_only=bool(offline))
-    except LocalEntryNotFoundError:  # offline (or HF_HUB_OFFLINE=1) and not in the HF cache
-        if optional and offline:
-            return None  # e.g. model.safetensors absent from the cache: try pytorch_model.bin
-        why = "HF_HUB_OFFLINE=1" if constants.HF_HUB_OFFLINE else (offline or "no connection to the Hugging Face Hub")
-        raise TinyQAError(f"{name}: {filename} is not in the HF cache and cannot be downloaded ({why}); {OFFLINE_HINT}")
-    except EntryNotFoundError:  # the repository exists but has no such file
-        if optional:
+        return hf_hub_download(repo_id, filename, revision=revision, local_files_only=bool(offline))
+    except Exception as e:  # what went wrong, as one line that says what to do
+        if optional and _is_missing(e, offline):
             return None
-        raise TinyQAError(f"{name}: the repository on the Hugging Face Hub has no {filename}")
-    except RepositoryNotFoundError:
-        raise TinyQAError(f"{name} is not a model on the Hugging Face Hub (or is private); "
-                          f"known aliases: {', '.join(ALIASES)}")
-    except Exception as e:  # connection refused, timeouts, HTTP errors
-        reason = (str(e).strip().splitlines() or [""])[0][:200]
-        raise TinyQAError(f"{name}: could not download {filename} from the Hugging Face Hub "
-                          f"({type(e).__name__}: {reason}); {OFFLINE_HINT}")
+        raise _hub_error(e, repo_id, filename, offline, f"{flag} {repo_id}" if flag else repr(repo_id)) from None
+
+
+def _is_missing(e, offline) -> bool:
+    """The repo has no such file, or (offline) the cache has none: an optional file is then just absent."""
+    from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
+    return isinstance(e, EntryNotFoundError) and (offline or not isinstance(e, LocalEntryNotFoundError))
+
+
+def _hub_error(e, repo_id, filename, offline, name) -> TinyQAError:
+    """One line for a failed hf_hub_download, by what the Hub (or its absence) said."""
+    from huggingface_hub import constants
+    from huggingface_hub.errors import (EntryNotFoundError, GatedRepoError, HfHubHTTPError, LocalEntryNotFoundError,
+                                        RepositoryNotFoundError)
+    if isinstance(e, LocalEntryNotFoundError) and isinstance(e.__cause__, HfHubHTTPError):
+        e = e.__cause__  # the Hub answered, with an error that huggingface_hub retried (5xx) before giving up
+    status = e.response.status_code if isinstance(e, HfHubHTTPError) and e.response is not None else None
+    page, login = f"{constants.ENDPOINT}/{repo_id}", "log in (`hf auth login`, or set HF_TOKEN)"
+    if isinstance(e, LocalEntryNotFoundError):  # offline (or HF_HUB_OFFLINE=1) and not in the HF cache
+        why = "HF_HUB_OFFLINE=1" if constants.HF_HUB_OFFLINE else (offline or "no connection to the Hugging Face Hub")
+        return TinyQAError(f"{name}: {filename} is not in the HF cache and cannot be downloaded ({why}); "
+                           + OFFLINE_HINT)
+    if isinstance(e, EntryNotFoundError):
+        return TinyQAError(f"{name}: the repository on the Hugging Face Hub has no {filename}")
+    if isinstance(e, GatedRepoError) or (status in (401, 403) and not isinstance(e, RepositoryNotFoundError)):
+        return TinyQAError(f"{name} is gated or private on the Hugging Face Hub ({status}): ask for access at {page}, "
+                           f"then {login} with that account; or pass a local checkpoint folder instead")
+    if isinstance(e, RepositoryNotFoundError):
+        known = "" if repo_id in ALIASES.values() else f"; known aliases: {', '.join(ALIASES)}"
+        return TinyQAError(f"{name} is not a model on the Hugging Face Hub at {page}: check the name (and HF_ENDPOINT, "
+                           f"if set), or if the model is private, {login} with an account that can read it{known}")
+    if status is not None and status >= 500:
+        return TinyQAError(f"{name}: the Hugging Face Hub answered {status} for {filename}, also to huggingface_hub's "
+                           "retries: it is having trouble; run again later, or pass a local checkpoint folder instead")
+    reason = (str(e).strip().splitlines() or [""])[0][:200]  # connection refused, timeouts, other HTTP errors
+    return TinyQAError(f"{name}: could not download {filename} from the Hugging Face Hub "
+                       f"({type(e).__name__}: {reason}); {OFFLINE_HINT}")
 
 
 def looks_like_path(name: str) -> bool:
@@ -172,20 +196,30 @@ def resolve_dir(name_or_path: str, model=True, tokenizer=True, flag=None) -> str
 
 
 def _download_checkpoint(repo_id, model, tokenizer, flag):
+    """The snapshot folder holding the files asked for. All come from one commit, the first file's (its
+    snapshot folder is named by it): a push to the repo between two files cannot split them over two folders."""
+    revision = None
+
+    def get(filename, optional=False):
+        nonlocal revision
+        path = _hub_download(repo_id, filename, optional, flag, revision)
+        commit = os.path.basename(os.path.dirname(path or ""))  # .../snapshots/<commit>/<filename>
+        if revision is None and re.fullmatch(r"[0-9a-f]{40}", commit):
+            revision = commit
+        return path
+
     path = None
     if model:
-        path = _hub_download(repo_id, "config.json", flag=flag)
-        if not _hub_download(repo_id, "model.safetensors", optional=True, flag=flag):
-            _hub_download(repo_id, "pytorch_model.bin", flag=flag)
+        path = get("config.json")
+        get("model.safetensors", optional=True) or get("pytorch_model.bin")
     if tokenizer:  # tokenizer.json, else BERT's vocab.txt, else RoBERTa's vocab.json + merges.txt
         # (deepset/roberta-base-squad2 ships only vocab.json + merges.txt); tokenizer_config.json says
         # whether a vocab.txt is cased.
-        _hub_download(repo_id, "tokenizer_config.json", optional=True, flag=flag)
-        path = (_hub_download(repo_id, "tokenizer.json", optional=True, flag=flag)
-                or _hub_download(repo_id, "vocab.txt", optional=True, flag=flag))
+        get("tokenizer_config.json", optional=True)
+        path = get("tokenizer.json", optional=True) or get("vocab.txt", optional=True)
         if not path:
-            _hub_download(repo_id, "vocab.json", flag=flag)
-            path = _hub_download(repo_id, "merges.txt", flag=flag)
+            get("vocab.json")
+            path = get("merges.txt")
     return os.path.dirname(path)
 
 
