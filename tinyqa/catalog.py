@@ -408,6 +408,7 @@ def _get(url, part, progress):
                      disable=not progress) as bar:
             for block in iter(lambda: response.read1(1 << 20), b""):  # what has come, as it comes
                 out.write(block)
+                out.flush()  # on disk now: a run killed next keeps it for the next run to resume from
                 bar.update(len(block))
             if total is not None and out.tell() < total:
                 raise ConnectionError(f"the connection dropped after {out.tell()} of {total} bytes")
