@@ -128,10 +128,10 @@ class User:
         folder = self.root / "hf" / "hub" / f"models--{repo.replace('/', '--')}"
         return folder / "snapshots" / (folder / "refs" / "main").read_text()
 
-    def wait_for(self, method, path, timeout=60):
+    def wait_for(self, what, done, timeout=60):
         t0 = time.time()
-        while not any(r[0] == method and r[1] == path for r in self.files.requests):
-            assert time.time() - t0 < timeout, f"no {method} {path}: {self.requests()}"
+        while not done():
+            assert time.time() - t0 < timeout, f"still waiting for {what}: {self.requests()}"
             time.sleep(0.05)
 
 
@@ -164,7 +164,7 @@ def fetched_once(user):
     """Every request was one the servers know (nothing fell through to an unknown path), and no file was
     fetched twice. Returns the paths fetched."""
     unknown = [r for r in user.requests() if r[3] == 404 and "/resolve/" not in r[1]]
-    assert not unknown, unknown
+    assert not unknown, f"asked for what tests/hubserver.py does not serve (a new huggingface_hub?): {unknown}"
     gets = [r[1] for r in user.requests() if r[0] == "GET" and r[1] != "/api/agent-harnesses"]
     assert len(gets) == len(set(gets)), sorted(g for g in gets if gets.count(g) > 1)
     return gets
@@ -199,7 +199,7 @@ def test_evaluate_split_dev_first_run_then_offline(user, world):
     table = lambda out: out[out.index("dataset"):]
     n = len(user.requests())
     second = ok(user.run("python evaluate.py --split dev"))  # online: huggingface_hub only checks for updates
-    assert {r[0] for r in user.requests()[n:]} == {"HEAD"}, user.requests()[n:]
+    assert not [r for r in user.requests()[n:] if r[0] == "GET" and r[1] != "/api/agent-harnesses"]
     assert table(second.stdout) == table(first.stdout)
     n = len(user.requests())
     offline = ok(user.run("python evaluate.py --split dev", HF_HUB_OFFLINE="1"))
@@ -257,7 +257,8 @@ def test_download_cut_halfway_resumes(user, world):
     ok(user.run("python evaluate.py --split dev --quiet"))
     half = len(world["splits"]["dev", "SQuAD"]) // 2
     assert [r[2:] for r in user.files.requests if r[1] == split] == [(None, 200), (f"bytes={half}-", 206)]
-    assert [r[2:] for r in user.files.requests if r[1] == model] == [(None, 200), (None, 200)]
+    _, (resume, status) = [r[2:] for r in user.files.requests if r[1] == model]
+    assert (resume, status) == (None, 200) or (resume.startswith("bytes=") and status == 206)  # over, or the rest
     assert_cached(user, world, "dev", "VMware/tinyroberta-mrqa")
 
 
@@ -265,16 +266,16 @@ def test_ctrl_c_mid_split_download_then_resume(user, world):
     """Ctrl-C while a split file downloads: exit 130, no file that passes for complete, the bytes so far
     kept in .part; the next run asks only for the rest."""
     path, data = split_path("dev", "HotpotQA"), world["splits"]["dev", "HotpotQA"]
+    dest = user.mrqa / "dev" / "HotpotQA.jsonl.gz"
+    part = dest.parent / (dest.name + ".part")
     user.files.stall[path] = release = threading.Event()
     p = user.start("python evaluate.py --split dev --quiet")
-    user.wait_for("GET", path)
-    time.sleep(0.5)  # the first half is written to .part
+    user.wait_for("the first half in .part", lambda: part.exists() and part.stat().st_size == len(data) // 2)
     p.send_signal(signal.SIGINT)
     _, err = p.communicate(timeout=60)
     release.set()
     assert p.returncode == 130 and err.strip().endswith("interrupted") and "Traceback" not in err, err
-    dest = user.mrqa / "dev" / "HotpotQA.jsonl.gz"
-    kept = (dest.parent / (dest.name + ".part")).stat().st_size
+    kept = part.stat().st_size
     assert not dest.exists() and kept == len(data) // 2
     ok(user.run("python evaluate.py --split dev --quiet"))
     assert [(r[2], r[3]) for r in user.files.requests if r[1] == path] == [(None, 200), (f"bytes={kept}-", 206)]
@@ -287,9 +288,8 @@ def test_killed_mid_model_download_then_restart(user, world):
     path = lfs_path(world, "VMware/tinyroberta-mrqa")
     user.files.stall[path] = release = threading.Event()
     p = user.start("python evaluate.py --split dev --quiet")
-    user.wait_for("GET", path)
-    time.sleep(0.5)
-    p.kill()
+    user.wait_for(f"GET {path}", lambda: any(r[:2] == ("GET", path) for r in user.requests()))
+    p.kill()  # half of the model sent, the rest held back: it dies mid-download
     p.communicate(timeout=60)
     release.set()
     repo = user.root / "hf" / "hub" / "models--VMware--tinyroberta-mrqa"
