@@ -326,7 +326,14 @@ def test_push_mid_download_keeps_one_commit(user, world):
     ok(user.run("python evaluate.py --split dev --quiet", HF_HUB_OFFLINE="1"))
 
 
-# --- the Hub says no
+# --- the Hub says no, or may not be asked
+
+def test_offline_before_the_first_run_says_what_to_do(user):
+    """HF_HUB_OFFLINE=1 with an empty cache: one line that says to run once with a network."""
+    one_line_error(user.run("python evaluate.py --split dev", HF_HUB_OFFLINE="1"),
+                   "VMware/tinyroberta-mrqa", "HF_HUB_OFFLINE=1", "run once with a network", "local directory")
+    assert user.requests() == []
+
 
 @pytest.mark.parametrize("status, line, says", [
     (404, "python evaluate.py --split dev", ("--model VMware/tinyroberta-mrqa", "not a model", "check the name")),

@@ -94,8 +94,9 @@ def card_table() -> str:
 
 # --- checkpoints from the Hugging Face Hub
 
-OFFLINE_HINT = ("pass a local directory holding config.json and model.safetensors (or pytorch_model.bin) and the "
-                "tokenizer files instead; set HF_HUB_OFFLINE=1 to use only the HF cache without trying the network")
+LOCAL_HINT = ("pass a local directory holding config.json and model.safetensors (or pytorch_model.bin) and the "
+              "tokenizer files instead")
+OFFLINE_HINT = LOCAL_HINT + "; set HF_HUB_OFFLINE=1 to use only the HF cache without trying the network"
 
 
 @functools.lru_cache(maxsize=None)
@@ -143,22 +144,25 @@ def _hub_error(e, repo_id, filename, offline, name) -> TinyQAError:
         e = e.__cause__  # the Hub answered, with an error that huggingface_hub retried (5xx) before giving up
     status = e.response.status_code if isinstance(e, HfHubHTTPError) and e.response is not None else None
     page, login = f"{constants.ENDPOINT}/{repo_id}", "log in (`hf auth login`, or set HF_TOKEN)"
-    if isinstance(e, LocalEntryNotFoundError):  # offline (or HF_HUB_OFFLINE=1) and not in the HF cache
-        why = "HF_HUB_OFFLINE=1" if constants.HF_HUB_OFFLINE else (offline or "no connection to the Hugging Face Hub")
+    if isinstance(e, LocalEntryNotFoundError) and constants.HF_HUB_OFFLINE:  # the user said: the cache only
+        return TinyQAError(f"{name}: {filename} is not in the HF cache, and HF_HUB_OFFLINE=1 forbids downloading it: "
+                           f"run once with a network and without HF_HUB_OFFLINE, or {LOCAL_HINT}")
+    if isinstance(e, LocalEntryNotFoundError):  # no network, and not in the HF cache
+        why = offline or "no connection to the Hugging Face Hub"
         return TinyQAError(f"{name}: {filename} is not in the HF cache and cannot be downloaded ({why}); "
                            + OFFLINE_HINT)
     if isinstance(e, EntryNotFoundError):
         return TinyQAError(f"{name}: the repository on the Hugging Face Hub has no {filename}")
     if isinstance(e, GatedRepoError) or (status in (401, 403) and not isinstance(e, RepositoryNotFoundError)):
         return TinyQAError(f"{name} is gated or private on the Hugging Face Hub ({status}): ask for access at {page}, "
-                           f"then {login} with that account; or pass a local checkpoint folder instead")
+                           f"then {login} with that account; or {LOCAL_HINT}")
     if isinstance(e, RepositoryNotFoundError):
         known = "" if repo_id in ALIASES.values() else f"; known aliases: {', '.join(ALIASES)}"
         return TinyQAError(f"{name} is not a model on the Hugging Face Hub at {page}: check the name (and HF_ENDPOINT, "
                            f"if set), or if the model is private, {login} with an account that can read it{known}")
     if status is not None and status >= 500:
         return TinyQAError(f"{name}: the Hugging Face Hub answered {status} for {filename}, also to huggingface_hub's "
-                           "retries: it is having trouble; run again later, or pass a local checkpoint folder instead")
+                           f"retries: it is having trouble; run again later, or {LOCAL_HINT}")
     reason = (str(e).strip().splitlines() or [""])[0][:200]  # connection refused, timeouts, other HTTP errors
     return TinyQAError(f"{name}: could not download {filename} from the Hugging Face Hub "
                        f"({type(e).__name__}: {reason}); {OFFLINE_HINT}")
