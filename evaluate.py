@@ -22,7 +22,7 @@ from dataclasses import replace
 import torch
 from tqdm import tqdm
 
-from tinyqa.catalog import ALIASES, CARD_SCORES, SPLITS, card_table, resolve_dir, split_files
+from tinyqa.catalog import ALIASES, CARD_SCORES, SPLITS, card_table, quiet_downloads, resolve_dir, split_files
 from tinyqa.checks import check_device, check_distinct_outputs, check_featurizer, check_input_files, check_output_file
 from tinyqa.cli import (DTYPES, HelpFormatter, add_decoder_args, add_featurizer_args, add_inference_model_args,
                         positive_int)
@@ -159,6 +159,8 @@ def print_table(metrics):
 
 def main(argv=None):
     args = get_args(argv)
+    if args.quiet:
+        quiet_downloads()
     fcfg = check_args(args)
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -251,10 +251,12 @@ def test_lineage_first_run_then_offline(user, world):
 def test_download_cut_halfway_resumes(user, world):
     """The connection drops halfway through the model and through a split file: tinyqa's downloader asks
     for the rest with a Range request; huggingface_hub, which keeps bytes in 10 MB chunks, starts this small
-    file over. Either way the cached bytes are whole."""
+    file over. Either way the cached bytes are whole. --quiet shows no bar, huggingface_hub's neither
+    (which TQDM_POSITION=-1 shows, as a terminal would, without --quiet)."""
     model, split = lfs_path(world, "VMware/tinyroberta-mrqa"), split_path("dev", "SQuAD")
     user.files.cut.update({model, split})
-    ok(user.run("python evaluate.py --split dev --quiet"))
+    p = ok(user.run("python evaluate.py --split dev --quiet", TQDM_POSITION="-1"))
+    assert "%|" not in p.stderr, p.stderr
     half = len(world["splits"]["dev", "SQuAD"]) // 2
     assert [r[2:] for r in user.files.requests if r[1] == split] == [(None, 200), (f"bytes={half}-", 206)]
     _, (resume, status) = [r[2:] for r in user.files.requests if r[1] == model]

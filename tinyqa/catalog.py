@@ -168,6 +168,13 @@ def _hub_error(e, repo_id, filename, offline, name) -> TinyQAError:
                        f"({type(e).__name__}: {reason}); {OFFLINE_HINT}")
 
 
+def quiet_downloads():
+    """No progress bars from huggingface_hub's downloads, for the rest of the process: what the scripts'
+    --quiet means for them (tinyqa's own downloads take `progress`)."""
+    from huggingface_hub.utils import disable_progress_bars
+    disable_progress_bars()
+
+
 def looks_like_path(name: str) -> bool:
     """`./x`, `/abs`, `~/x`, `a/b/c`, `x/`, or `runs/distill` when `runs/` exists here: a local folder was
     meant, so a missing one is "no such directory", never a hub lookup. (`owner/name` alone is a hub id.)"""
