@@ -22,7 +22,7 @@ from dataclasses import replace
 import torch
 from tqdm import tqdm
 
-from tinyqa.catalog import ALIASES, CARD_SCORES, SPLITS, card_table, resolve_dir, split_files
+from tinyqa.catalog import ALIASES, CARD_SCORES, SPLITS, card_table, quiet_downloads, resolve_dir, split_files
 from tinyqa.checks import check_device, check_distinct_outputs, check_featurizer, check_input_files, check_output_file
 from tinyqa.cli import (DTYPES, HelpFormatter, add_decoder_args, add_featurizer_args, add_inference_model_args,
                         finite_float, positive_int)
@@ -43,7 +43,9 @@ def build_parser():
     g = p.add_argument_group("data")
     g.add_argument("--split", choices=["dev", "test"], default=None,
                    help="official MRQA split to download and evaluate: dev = the six in-domain dev sets, "
-                        "test = the six out-of-domain dev sets (default: dev, unless --data is given)")
+                        "test = the six out-of-domain dev sets (default: dev, unless --data is given); from the "
+                        "release's URLs, or the copy that TINYQA_MRQA_MIRROR=URL or TINYQA_MRQA_SPLITS=table.json "
+                        "names (tinyqa/catalog.py)")
     g.add_argument("--data", nargs="+", metavar="FILE",
                    help="local MRQA .jsonl(.gz) or SQuAD .json files instead of --split")
     g.add_argument("--skip-bad", action="store_true",
@@ -173,6 +175,8 @@ def print_table(metrics):
 
 def main(argv=None):
     args = get_args(argv)
+    if args.quiet:
+        quiet_downloads()
     fcfg = check_args(args)
     if args.threads:
         torch.set_num_threads(args.threads)

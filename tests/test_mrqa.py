@@ -4,9 +4,10 @@ import hashlib
 import json
 
 import pytest
+from hubserver import Files
 
 from tinyqa import TinyQAError
-from tinyqa.catalog import SPLITS, download, split_files
+from tinyqa.catalog import SPLITS, download, split_files, split_sources
 from tinyqa.examples import ReadReport
 from tinyqa.mrqa import dataset_name, read_mrqa
 
@@ -74,12 +75,12 @@ def test_download_verifies_md5_and_leaves_nothing_half_written(tmp_path):
     dest = tmp_path / "cache" / "Toy.jsonl.gz"
     assert download(src.as_uri(), md5, str(dest), progress=False) == str(dest) and dest.read_bytes() == src.read_bytes()
     dest.unlink()
-    with pytest.raises(TinyQAError, match="does not match"):
+    with pytest.raises(TinyQAError, match="is not the expected"):
         download(src.as_uri(), "0" * 32, str(dest), progress=False)
-    assert list(dest.parent.iterdir()) == []
+    assert [p.name for p in dest.parent.iterdir()] == ["Toy.jsonl.gz.lock"]  # no .part, no Toy.jsonl.gz
     with pytest.raises(TinyQAError, match=r"could not download http://127\.0\.0\.1:9/x.*--data FILE"):
         download("http://127.0.0.1:9/x", md5, str(dest), progress=False)
-    assert list(dest.parent.iterdir()) == []
+    assert [p.name for p in dest.parent.iterdir()] == ["Toy.jsonl.gz.lock"]
 
 
 def test_split_files_uses_verified_cache(tmp_path, monkeypatch):
@@ -93,11 +94,58 @@ def test_split_files_uses_verified_cache(tmp_path, monkeypatch):
         split_files("dev", progress=False, flag="--train")
     cached = tmp_path / "mrqa" / "dev" / "Toy.jsonl.gz"
     cached.parent.mkdir(parents=True, exist_ok=True)
-    assert not any(cached.parent.iterdir())  # the failed download left no .part behind
+    assert [p.name for p in cached.parent.iterdir()] == ["Toy.jsonl.gz.lock"]  # the failed download left no .part
     cached.write_bytes(src.read_bytes())
     assert split_files("dev", progress=False) == [str(cached)]  # verified copy: no network needed
     with pytest.raises(TinyQAError, match="unknown split"):
         split_files("validation")
+
+
+def test_download_resumes_kept_bytes_and_the_md5_stays_the_gate(tmp_path):
+    """Bytes an earlier run kept in .part: only the rest is asked for (Range); a server that ignores Range
+    sends the whole file, which replaces them; kept bytes of another file fail the MD5 and the file is
+    fetched once more from the start; a .part already whole gets 416 and passes the MD5."""
+    files = Files()
+    data = bytes(range(256)) * 12
+    url, md5 = files.add("/f.jsonl.gz", data), hashlib.md5(data).hexdigest()
+    dest, part = tmp_path / "f.jsonl.gz", tmp_path / "f.jsonl.gz.part"
+    try:
+        for kept, ranges, asked in [(data[:1000], True, [("bytes=1000-", 206)]),
+                                    (data[:1000], False, [("bytes=1000-", 200)]),
+                                    (bytes(1000), True, [("bytes=1000-", 206), (None, 200)]),
+                                    (data, True, [(f"bytes={len(data)}-", 416)])]:
+            part.write_bytes(kept)
+            files.ranges, n = ranges, len(files.requests)
+            assert download(url, md5, str(dest), progress=False) == str(dest)
+            assert [r[2:] for r in files.requests[n:]] == asked
+            assert dest.read_bytes() == data and not part.exists()
+            dest.unlink()
+    finally:
+        files.close()
+
+
+def test_split_sources_mirror_and_table(tmp_path, monkeypatch):
+    """TINYQA_MRQA_MIRROR moves the release's files to another base URL with their MD5s (BioASQ stays behind
+    its registration page); TINYQA_MRQA_SPLITS replaces the table; a bad table is one line naming it."""
+    monkeypatch.delenv("TINYQA_MRQA_SPLITS", raising=False)
+    monkeypatch.setenv("TINYQA_MRQA_MIRROR", "http://mirror.example/mrqa/")
+    sources = split_sources()
+    assert sources.keys() == SPLITS.keys()
+    assert sources["dev", "SQuAD"] == ("http://mirror.example/mrqa/dev/SQuAD.jsonl.gz", SPLITS["dev", "SQuAD"][1])
+    assert sources["test", "BioASQ"][0] == SPLITS["test", "BioASQ"][0]
+    table = tmp_path / "splits.json"
+    table.write_text(json.dumps({"dev": {"Toy": {"url": "file:///data/Toy.jsonl.gz", "md5": "0" * 32}}}))
+    monkeypatch.setenv("TINYQA_MRQA_SPLITS", str(table))
+    assert split_sources() == {("dev", "Toy"): ("file:///data/Toy.jsonl.gz", "0" * 32)}
+    with pytest.raises(TinyQAError, match=r"TINYQA_MRQA_SPLITS=.*splits\.json lists no train files.*--train FILE"):
+        split_files("train", flag="--train")
+    md5 = "0" * 32
+    entry = '{"url": "u", "md5": "%s"}' % md5
+    for bad in ("{", "[1]", '{"dev": {"Toy": {"url": "u"}}}', '{"validation": {"Toy": %s}}' % entry,
+                '{"dev": {"../Toy": %s}}' % entry, '{"dev": {"Toy": {"url": "u", "md5": "x"}}}'):
+        table.write_text(bad)
+        with pytest.raises(TinyQAError, match=r"^TINYQA_MRQA_SPLITS=\S*splits\.json: [^\n]*$"):
+            split_sources()
 
 
 def test_splits_table_is_the_release():

@@ -7,17 +7,22 @@
 - `resolve_dir(name)`: a local directory as is; an alias or hub id downloaded through `huggingface_hub`
   (only the files needed; its cache and HF_HUB_OFFLINE are honoured).
 - `SPLITS` and `split_files(split)`: the MRQA 2019 release's files (Fisch et al. 2019, the shared task's
-  README) with their URLs and MD5s, downloaded once and verified.
+  README) with their URLs and MD5s, downloaded once, verified, resumed when cut; `split_sources()`: where
+  they are fetched from (the release, or a mirror or table that TINYQA_MRQA_MIRROR / TINYQA_MRQA_SPLITS name).
 """
 import functools
-import hashlib
+import http.client
+import json
 import os
 import re
 import socket
+import sys
+import urllib.error
 import urllib.parse
 import urllib.request
 
 from .errors import TinyQAError, missing
+from .files import digest, lock
 
 
 def cache_root() -> str:
@@ -89,8 +94,9 @@ def card_table() -> str:
 
 # --- checkpoints from the Hugging Face Hub
 
-OFFLINE_HINT = ("pass a local directory holding config.json and model.safetensors (or pytorch_model.bin) and the "
-                "tokenizer files instead; set HF_HUB_OFFLINE=1 to use only the HF cache without trying the network")
+LOCAL_HINT = ("pass a local directory holding config.json and model.safetensors (or pytorch_model.bin) and the "
+              "tokenizer files instead")
+OFFLINE_HINT = LOCAL_HINT + "; set HF_HUB_OFFLINE=1 to use only the HF cache without trying the network"
 
 
 @functools.lru_cache(maxsize=None)
@@ -109,30 +115,64 @@ def _hub_unreachable():
     return None
 
 
-def _hub_download(repo_id: str, filename: str, optional=False, flag=None):
+def _hub_download(repo_id: str, filename: str, optional=False, flag=None, revision=None):
+    """The local path of one file of a hub repo (at `revision`, else main), from the HF cache or downloaded
+    into it; None for an optional file the repo lacks (or, offline, the cache lacks)."""
     from huggingface_hub import constants, hf_hub_download
-    from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError, RepositoryNotFoundError
-    name = f"{flag} {repo_id}" if flag else repr(repo_id)
     offline = constants.HF_HUB_OFFLINE or _hub_unreachable()
     try:
         # Offline, only the HF cache is looked at (no retries); online, huggingface_hub also checks for updates.
-        return hf_hub_download(repo_id, filename, local_files_only=bool(offline))
-    except LocalEntryNotFoundError:  # offline (or HF_HUB_OFFLINE=1) and not in the HF cache
-        if optional and offline:
-            return None  # e.g. model.safetensors absent from the cache: try pytorch_model.bin
-        why = "HF_HUB_OFFLINE=1" if constants.HF_HUB_OFFLINE else (offline or "no connection to the Hugging Face Hub")
-        raise TinyQAError(f"{name}: {filename} is not in the HF cache and cannot be downloaded ({why}); {OFFLINE_HINT}")
-    except EntryNotFoundError:  # the repository exists but has no such file
-        if optional:
+        return hf_hub_download(repo_id, filename, revision=revision, local_files_only=bool(offline))
+    except Exception as e:  # what went wrong, as one line that says what to do
+        if optional and _is_missing(e, offline):
             return None
-        raise TinyQAError(f"{name}: the repository on the Hugging Face Hub has no {filename}")
-    except RepositoryNotFoundError:
-        raise TinyQAError(f"{name} is not a model on the Hugging Face Hub (or is private); "
-                          f"known aliases: {', '.join(ALIASES)}")
-    except Exception as e:  # connection refused, timeouts, HTTP errors
-        reason = (str(e).strip().splitlines() or [""])[0][:200]
-        raise TinyQAError(f"{name}: could not download {filename} from the Hugging Face Hub "
-                          f"({type(e).__name__}: {reason}); {OFFLINE_HINT}")
+        raise _hub_error(e, repo_id, filename, offline, f"{flag} {repo_id}" if flag else repr(repo_id)) from None
+
+
+def _is_missing(e, offline) -> bool:
+    """The repo has no such file, or (offline) the cache has none: an optional file is then just absent."""
+    from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
+    return isinstance(e, EntryNotFoundError) and (offline or not isinstance(e, LocalEntryNotFoundError))
+
+
+def _hub_error(e, repo_id, filename, offline, name) -> TinyQAError:
+    """One line for a failed hf_hub_download, by what the Hub (or its absence) said."""
+    from huggingface_hub import constants
+    from huggingface_hub.errors import (EntryNotFoundError, GatedRepoError, HfHubHTTPError, LocalEntryNotFoundError,
+                                        RepositoryNotFoundError)
+    if isinstance(e, LocalEntryNotFoundError) and isinstance(e.__cause__, HfHubHTTPError):
+        e = e.__cause__  # the Hub answered, with an error that huggingface_hub retried (5xx) before giving up
+    status = e.response.status_code if isinstance(e, HfHubHTTPError) and e.response is not None else None
+    page, login = f"{constants.ENDPOINT}/{repo_id}", "log in (`hf auth login`, or set HF_TOKEN)"
+    if isinstance(e, LocalEntryNotFoundError) and constants.HF_HUB_OFFLINE:  # the user said: the cache only
+        return TinyQAError(f"{name}: {filename} is not in the HF cache, and HF_HUB_OFFLINE=1 forbids downloading it: "
+                           f"run once with a network and without HF_HUB_OFFLINE, or {LOCAL_HINT}")
+    if isinstance(e, LocalEntryNotFoundError):  # no network, and not in the HF cache
+        why = offline or "no connection to the Hugging Face Hub"
+        return TinyQAError(f"{name}: {filename} is not in the HF cache and cannot be downloaded ({why}); "
+                           + OFFLINE_HINT)
+    if isinstance(e, EntryNotFoundError):
+        return TinyQAError(f"{name}: the repository on the Hugging Face Hub has no {filename}")
+    if isinstance(e, GatedRepoError) or (status in (401, 403) and not isinstance(e, RepositoryNotFoundError)):
+        return TinyQAError(f"{name} is gated or private on the Hugging Face Hub ({status}): ask for access at {page}, "
+                           f"then {login} with that account; or {LOCAL_HINT}")
+    if isinstance(e, RepositoryNotFoundError):
+        known = "" if repo_id in ALIASES.values() else f"; known aliases: {', '.join(ALIASES)}"
+        return TinyQAError(f"{name} is not a model on the Hugging Face Hub at {page}: check the name (and HF_ENDPOINT, "
+                           f"if set), or if the model is private, {login} with an account that can read it{known}")
+    if status is not None and status >= 500:
+        return TinyQAError(f"{name}: the Hugging Face Hub answered {status} for {filename}, also to huggingface_hub's "
+                           f"retries: it is having trouble; run again later, or {LOCAL_HINT}")
+    reason = (str(e).strip().splitlines() or [""])[0][:200]  # connection refused, timeouts, other HTTP errors
+    return TinyQAError(f"{name}: could not download {filename} from the Hugging Face Hub "
+                       f"({type(e).__name__}: {reason}); {OFFLINE_HINT}")
+
+
+def quiet_downloads():
+    """No progress bars from huggingface_hub's downloads, for the rest of the process: what the scripts'
+    --quiet means for them (tinyqa's own downloads take `progress`)."""
+    from huggingface_hub.utils import disable_progress_bars
+    disable_progress_bars()
 
 
 def looks_like_path(name: str) -> bool:
@@ -167,20 +207,30 @@ def resolve_dir(name_or_path: str, model=True, tokenizer=True, flag=None) -> str
 
 
 def _download_checkpoint(repo_id, model, tokenizer, flag):
+    """The snapshot folder holding the files asked for. All come from one commit, the first file's (its
+    snapshot folder is named by it): a push to the repo between two files cannot split them over two folders."""
+    revision = None
+
+    def get(filename, optional=False):
+        nonlocal revision
+        path = _hub_download(repo_id, filename, optional, flag, revision)
+        commit = os.path.basename(os.path.dirname(path or ""))  # .../snapshots/<commit>/<filename>
+        if revision is None and re.fullmatch(r"[0-9a-f]{40}", commit):
+            revision = commit
+        return path
+
     path = None
     if model:
-        path = _hub_download(repo_id, "config.json", flag=flag)
-        if not _hub_download(repo_id, "model.safetensors", optional=True, flag=flag):
-            _hub_download(repo_id, "pytorch_model.bin", flag=flag)
+        path = get("config.json")
+        get("model.safetensors", optional=True) or get("pytorch_model.bin")
     if tokenizer:  # tokenizer.json, else BERT's vocab.txt, else RoBERTa's vocab.json + merges.txt
         # (deepset/roberta-base-squad2 ships only vocab.json + merges.txt); tokenizer_config.json says
         # whether a vocab.txt is cased.
-        _hub_download(repo_id, "tokenizer_config.json", optional=True, flag=flag)
-        path = (_hub_download(repo_id, "tokenizer.json", optional=True, flag=flag)
-                or _hub_download(repo_id, "vocab.txt", optional=True, flag=flag))
+        get("tokenizer_config.json", optional=True)
+        path = get("tokenizer.json", optional=True) or get("vocab.txt", optional=True)
         if not path:
-            _hub_download(repo_id, "vocab.json", flag=flag)
-            path = _hub_download(repo_id, "merges.txt", flag=flag)
+            get("vocab.json")
+            path = get("merges.txt")
     return os.path.dirname(path)
 
 
@@ -213,65 +263,163 @@ SPLITS = {
     ("test", "TextbookQA"): (f"{_S3}/dev/TextbookQA.jsonl.gz", "8b52d21381d841f8985839ec41a6c7f7", 1503),
 }
 # BioASQ is served from a registration page, not as a file: it must be downloaded by hand.
-MANUAL = {"BioASQ"}
+REGISTRATION_PAGES = {SPLITS[("test", "BioASQ")][0]}
+
+# Where split_files fetches from: the release's URLs above, unless the environment names another copy --
+#   TINYQA_MRQA_MIRROR=URL   a copy of the release's folders (URL/train/SQuAD.jsonl.gz, URL/dev/DROP.jsonl.gz,
+#                            ...; https://, http:// or file://), checked against the release's MD5s;
+#   TINYQA_MRQA_SPLITS=FILE  a JSON table that replaces SPLITS: {"train": {"SQuAD": {"url": URL, "md5": MD5},
+#                            ...}, "dev": {...}, "test": {...}}, for files that are not the release's (a subset, a
+#                            repaired copy); a split it leaves out cannot be downloaded.
+SPLIT_NAMES = ("train", "dev", "test")
 
 
-def _md5(path) -> str:
-    h = hashlib.md5()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+def split_sources() -> dict:
+    """(split, dataset) -> (url, md5) of every file split_files may fetch: SPLITS, else the copy that
+    TINYQA_MRQA_SPLITS or TINYQA_MRQA_MIRROR names (above)."""
+    if os.environ.get("TINYQA_MRQA_SPLITS"):
+        return _read_split_table(os.environ["TINYQA_MRQA_SPLITS"])
+    mirror = os.environ.get("TINYQA_MRQA_MIRROR", "").rstrip("/")
+    return {key: (mirror + url[len(_S3):] if mirror and url.startswith(_S3) else url, md5)
+            for key, (url, md5, _) in SPLITS.items()}
 
 
-def download(url: str, md5: str, dest: str, progress=True, flag="--data") -> str:
-    """Fetch url to dest unless a verified copy is there; write to dest.PID.part and rename only once the
-    MD5 matches, so an interrupted or corrupted download never leaves a file that looks complete."""
-    if os.path.exists(dest) and _md5(dest) == md5:
-        return dest
-    from tqdm import tqdm
-    os.makedirs(os.path.dirname(dest), exist_ok=True)
-    part = f"{dest}.{os.getpid()}.part"  # per process: two runs downloading the same file do not mix bytes
+def _read_split_table(path) -> dict:
+    where = f"TINYQA_MRQA_SPLITS={path}"
     try:
-        with urllib.request.urlopen(url, timeout=30) as r, open(part, "wb") as out:
-            total = int(r.headers.get("Content-Length") or 0) or None
-            with tqdm(total=total, unit="B", unit_scale=True, desc=os.path.basename(dest), disable=not progress) as bar:
-                for block in iter(lambda: r.read(1 << 20), b""):
-                    out.write(block)
-                    bar.update(len(block))
-    except BaseException as e:  # URLError, timeouts, refused connections (OSErrors), a full disk, Ctrl-C
-        if os.path.exists(part):
-            os.remove(part)
-        if not isinstance(e, (OSError, ValueError)):
-            raise
-        raise TinyQAError(f"could not download {url} ({e}); if you are offline, download it elsewhere and "
-                          f"pass it with {flag} FILE")
-    got = _md5(part)
-    if got != md5:
-        os.remove(part)
-        raise TinyQAError(f"{url}: MD5 {got} does not match the release's {md5}; the download is corrupt, try again")
-    os.replace(part, dest)
-    return dest
+        with open(path, encoding="utf-8") as f:
+            table = json.load(f)
+        sources = {(split, name): (entry["url"], entry["md5"])
+                   for split, files in table.items() for name, entry in files.items()}
+    except OSError as e:
+        raise TinyQAError(f"{where}: cannot read it ({e.strerror or e})")
+    except (ValueError, TypeError, KeyError, AttributeError) as e:  # bad JSON, a missing "url" or "md5"
+        raise TinyQAError(f"{where}: not a table {{split: {{dataset: {{\"url\": URL, \"md5\": MD5}}}}}} "
+                          f"({type(e).__name__}: {e})")
+    for (split, name), (url, md5) in sources.items():
+        if split not in SPLIT_NAMES or not re.fullmatch(r"[\w.-]+", name) or not isinstance(url, str) \
+                or not re.fullmatch(r"[0-9a-f]{32}", str(md5)):
+            raise TinyQAError(f"{where}: {split}/{name}: the splits are {', '.join(SPLIT_NAMES)}, a dataset's name "
+                              "is letters, digits, '.', '-' or '_', and each has a URL and an MD5 of 32 hex digits")
+    return sources
 
 
 def split_files(split: str, datasets=None, progress=True, flag="--data") -> list:
     """Local paths of an official split ('train', 'dev' = in-domain dev, 'test' = out-of-domain dev); `flag`
     is the option that takes local files instead (evaluate.py's --data, the training scripts' --train)."""
-    if split not in ("train", "dev", "test"):
+    if split not in SPLIT_NAMES:
         raise TinyQAError(f"unknown split {split!r}: use train, dev (in-domain dev) or test (out-of-domain dev)")
+    sources = {name: src for (s, name), src in split_sources().items()
+               if s == split and (not datasets or name in datasets)}
+    if not sources:
+        raise TinyQAError(f"TINYQA_MRQA_SPLITS={os.environ.get('TINYQA_MRQA_SPLITS')} lists no {split} files: add "
+                          f"them to it, or pass them with {flag} FILE")
     paths = []
-    for (s, name), (url, md5, _) in SPLITS.items():
-        if s != split or (datasets and name not in datasets):
-            continue
+    for name, (url, md5) in sources.items():
         dest = os.path.join(cache_root(), "mrqa", split, f"{name}.jsonl.gz")
-        if name in MANUAL:
-            if not os.path.exists(dest):
-                raise TinyQAError(f"{name} is served from a registration page ({url}), not as a file: download "
-                                  f"its MRQA dev file there and put it at {dest}, or pass it with {flag} FILE")
-            if _md5(dest) != md5:
-                raise TinyQAError(f"{dest}: MD5 {_md5(dest)} is not the release's {md5}: this is not the MRQA "
-                                  f"{name} dev file (or it is damaged); download it again from {url}")
-            paths.append(dest)
-            continue
-        paths.append(download(url, md5, dest, progress, flag))
+        if url in REGISTRATION_PAGES:
+            paths.append(_by_hand(name, url, md5, dest, flag))
+        else:
+            paths.append(download(url, md5, dest, progress, flag))
     return paths
+
+
+def _by_hand(name, url, md5, dest, flag) -> str:
+    """A file the user downloads from a registration page and puts in the cache: checked, never fetched."""
+    if not os.path.exists(dest):
+        raise TinyQAError(f"{name} is served from a registration page ({url}), not as a file: download "
+                          f"its MRQA dev file there and put it at {dest}, or pass it with {flag} FILE")
+    got = _md5(dest)
+    if got != md5:
+        raise TinyQAError(f"{dest}: MD5 {got} is not the release's {md5}: this is not the MRQA "
+                          f"{name} dev file (or it is damaged); download it again from {url}")
+    return dest
+
+
+# --- verified, resumable downloads
+
+def _md5(path) -> str:
+    return digest(path, "md5")
+
+
+def _size(path) -> int:
+    return os.path.getsize(path) if os.path.exists(path) else 0
+
+
+def download(url: str, md5: str, dest: str, progress=True, flag="--data") -> str:
+    """Fetch url to dest unless a verified copy is there; return dest.
+
+    The bytes land in dest.part, and dest appears (one rename) only once their MD5 matches: an interrupted,
+    cut or corrupted download never leaves a file that passes for complete. What dest.part holds is kept
+    when a download stops halfway (a dropped connection, Ctrl-C, a killed run), and the next try asks only
+    for the rest with an HTTP Range request; a server that ignores Range sends the whole file, which starts
+    dest.part over. Kept bytes that then fail the MD5 (the file changed on the server) are fetched once
+    more from the start. One process at a time downloads a file (dest.lock): torchrun's ranks, or two runs,
+    wait for the first and then find its verified copy."""
+    if os.path.exists(dest) and _md5(dest) == md5:
+        return dest
+    os.makedirs(os.path.dirname(dest), exist_ok=True)
+    part = dest + ".part"
+    with lock(dest + ".lock", lambda line: print(line, file=sys.stderr), f"a download of {os.path.basename(dest)}"):
+        if os.path.exists(dest) and _md5(dest) == md5:  # the process this one waited for downloaded it
+            return dest
+        resumed = _size(part) > 0
+        _fetch(url, part, progress, flag)
+        if resumed and _md5(part) != md5:
+            os.remove(part)
+            _fetch(url, part, progress, flag)
+        got = _md5(part)
+        if got != md5:
+            os.remove(part)
+            raise TinyQAError(f"{url}: MD5 {got} is not the expected {md5}; the download was deleted: run again "
+                              "(if it persists, the server's copy is damaged, or is not the file that MD5 names)")
+        os.replace(part, dest)
+    return dest
+
+
+def _fetch(url, part, progress, flag):
+    """Bring part up to the whole of url's file, resuming after every dropped connection that brought bytes.
+    A try that brings none ends it: one line, part kept (if it holds bytes) for the next run to resume."""
+    while True:
+        before = _size(part)
+        try:
+            return _get(url, part, progress)
+        except (OSError, http.client.HTTPException, ValueError) as e:  # refused, timed out, cut, HTTP errors
+            if _size(part) > before:
+                continue  # the connection dropped after some bytes: ask for the rest
+            kept = _size(part)
+            if not kept and os.path.exists(part):
+                os.remove(part)
+            resume = f"the {kept} bytes fetched so far stay in {part} for the next run to resume; " if kept else ""
+            raise TinyQAError(f"could not download {url} ({e}); {resume}if you are offline, download it elsewhere "
+                              f"and pass it with {flag} FILE") from None
+
+
+def _get(url, part, progress):
+    """One request for what part lacks of url's file: all of it, or the rest (a Range request) when part
+    holds bytes. A response that ends before its Content-Length is an error (http.client's read() just
+    returns b"" when the connection drops), with the bytes that came kept in part."""
+    from tqdm import tqdm
+    have = _size(part)
+    request = urllib.request.Request(url, headers={"Range": f"bytes={have}-"} if have else {})
+    try:
+        response = urllib.request.urlopen(request, timeout=30)
+    except urllib.error.HTTPError as e:
+        if e.code == 416 and have:  # no bytes after `have`: part is whole, or longer (not this file): the MD5 says
+            return
+        raise
+    with response:
+        if have and not (response.status == 206 and
+                         response.headers.get("Content-Range", "").startswith(f"bytes {have}-")):
+            have = 0  # the whole file came (the server ignores Range, or file://): part starts over
+        length = response.headers.get("Content-Length")
+        total = have + int(length) if length and length.isdigit() else None
+        with open(part, "ab" if have else "wb") as out, \
+                tqdm(total=total, initial=have, unit="B", unit_scale=True, desc=os.path.basename(part)[:-len(".part")],
+                     disable=not progress) as bar:
+            for block in iter(lambda: response.read1(1 << 20), b""):  # what has come, as it comes
+                out.write(block)
+                out.flush()  # on disk now: a run killed next keeps it for the next run to resume from
+                bar.update(len(block))
+            if total is not None and out.tell() < total:
+                raise ConnectionError(f"the connection dropped after {out.tell()} of {total} bytes")

@@ -155,7 +155,8 @@ def _training_parser(description):
     p = argparse.ArgumentParser(description=description, formatter_class=HelpFormatter, allow_abbrev=False)
     g = p.add_argument_group("data")
     g.add_argument("--train", nargs="+", metavar="FILE",
-                   help="MRQA .jsonl(.gz) or SQuAD .json training files (default: download the official MRQA train split)")
+                   help="MRQA .jsonl(.gz) or SQuAD .json training files (default: download the official MRQA train "
+                        "split, from the release or the copy that TINYQA_MRQA_MIRROR or TINYQA_MRQA_SPLITS names)")
     g.add_argument("--limit", type=positive_int, default=None, help="use only the first N questions of each training file")
     g.add_argument("--skip-bad", action="store_true", help="skip malformed lines (counted and reported)")
     g.add_argument("--eval-data", nargs="+", metavar="FILE", help="files to score (EM/F1) after each epoch")

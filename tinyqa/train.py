@@ -32,7 +32,7 @@ from torch.optim.lr_scheduler import LambdaLR
 
 from . import distributed
 from .data import read_files
-from .catalog import split_files
+from .catalog import quiet_downloads, split_files
 from .errors import TinyQAError
 from .features import FeaturizerConfig
 from .intermediate import ProjectedStudent, teacher_targets
@@ -73,6 +73,8 @@ def train(args):
     model: checks, model, data, teacher and optimizer, then the loop."""
     if args.resume:
         args = resume_args(args)
+    if args.quiet:
+        quiet_downloads()
     stage = stage_of(args)
     plan = preflight(args)
     dist = distributed.init(args.device)
