@@ -1,0 +1,393 @@
+"""Property-based tests of every parser of outside input: whatever it is given, a parser either refuses it with
+a TinyQAError (or, where its contract is to skip and report, a reported skip) or returns a result that holds
+what the code after it relies on. Never another exception, a 500, or a result that breaks later.
+
+hypothesis generates the input: random bytes, random JSON values, and well-formed rows whose fields are
+mutated into what files in the wild hold (wrong types, bools for ints, spans outside the text, empty text,
+lone surrogates written as \\ud800 escapes, nesting deeper than the JSON parser's stack, integers longer
+than Python parses, NaN and Infinity). The parsers: MRQA JSONL (tinyqa.mrqa), SQuAD JSON (tinyqa.squad and
+tinyqa.data's dispatch), the answer CLI's JSONL lines (tinyqa.__main__), the server's request body and, over a
+real socket, its request line and headers (tinyqa.server), and a checkpoint's config.json (tinyqa.weights).
+
+Where a generated question is well-formed by construction, the property also asks that it is read, with the
+fields it was written with: a reader that refused or altered good input would be wrong too, only quietly.
+
+The "tinyqa" profile is deterministic (derandomize: CI sees the same examples every run), has no deadline
+(the machine may be shared) and writes no example database into the repository.
+"""
+import contextlib
+import gzip
+import http.client
+import io
+import json
+import re
+import socket
+import threading
+
+import pytest
+import torch
+from hermetic import tiny_checkpoint
+from hypothesis import HealthCheck, event, given, settings
+from hypothesis import strategies as st
+
+from tinyqa import QuestionAnswerer
+from tinyqa.__main__ import OUTPUT_FIELDS, answer_rows, binary_lines, jsonl_rows
+from tinyqa.answerer import text_problem
+from tinyqa.data import read_examples
+from tinyqa.decode import Answer
+from tinyqa.errors import TinyQAError
+from tinyqa.examples import ReadReport, is_int
+from tinyqa.model import EncoderForQA
+from tinyqa.mrqa import read_mrqa
+from tinyqa.server import OPTIONS, make_server, parse_request
+from tinyqa.squad import read_squad
+from tinyqa.weights import load_model_config
+
+settings.register_profile("tinyqa", database=None, derandomize=True, deadline=None, print_blob=False,
+                          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
+                                                 HealthCheck.function_scoped_fixture])
+PROFILE = settings.get_profile("tinyqa")
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory):
+    """One folder for the files every example writes (each overwrites the last: examples run one at a time)."""
+    return tmp_path_factory.mktemp("properties")
+
+
+# --- building blocks: text and JSON as outside input holds them
+
+# Lone halves of a surrogate pair: json.loads reads them from a "\ud800" escape, but no UTF-8 file,
+# tokenizer or terminal can hold them.
+SURROGATES = ("\ud800", "\udbff", "\udc80", "\udfff")
+# JSON texts that a Python value does not serialise to, spliced in where a field's value goes: what
+# json.loads refuses (an integer of more than 4,300 digits, nesting past the interpreter's stack) and what it
+# reads though RFC 8259 has no such thing (NaN, Infinity, an exponent past float's range).
+RAW_TOKENS = ("NaN", "Infinity", "-Infinity", "1e999", "-1e999", "-0", "1.0", "9" * 4400, "-" + "9" * 4400,
+              "[" * 3000 + "]" * 3000, '{"a": ' * 1500 + "1" + "}" * 1500, '"\\ud800"', '"x\\udfffy"',
+              '"\\ud83d\\ude00"', '"\\u0000"')
+
+lone_surrogate_text = st.builds(lambda a, s, b: a + s + b, st.text(max_size=4), st.sampled_from(SURROGATES),
+                                st.text(max_size=4))
+texts = st.one_of(st.text(max_size=20), st.sampled_from(["", " ", "\t\r\n", "\u3000", "\x00", "\ufeff"]),
+                  lone_surrogate_text)
+good_text = st.text(min_size=1, max_size=30).filter(lambda s: s.strip())  # no surrogates: st.text leaves them out
+big_ints = st.sampled_from([2**31, 2**63, -(2**63) - 1, 10**40, -(10**40)])
+scalars = st.one_of(st.none(), st.booleans(), st.integers(-5, 100), big_ints, st.floats(), texts)
+json_values = st.recursive(scalars, lambda inner: st.lists(inner, max_size=3)
+                           | st.dictionaries(texts, inner, max_size=3), max_leaves=8)
+junk_text = st.one_of(lone_surrogate_text, texts, json_values)  # what a text field may hold instead
+
+
+def dumps(value, raw=None):
+    """value as JSON text (surrogates as \\u escapes, NaN as NaN), with each `raw` placeholder string replaced
+    by its raw JSON text."""
+    text = json.dumps(value)
+    for placeholder, token in (raw or {}).items():
+        text = text.replace(json.dumps(placeholder), token, 1)
+    return text
+
+
+class Junk:
+    """The junk decisions of one generated input. rate 0: a clean input; "one": a clean input but for one
+    decision, the n-th (a single mutation of something valid, the most telling case); a number k: about one
+    decision in k is junk (inputs damaged lightly or heavily)."""
+
+    def __init__(self, draw, rate):
+        self.draw, self.rate, self.count = draw, rate, 0
+        self.target = draw(st.integers(0, 12)) if rate == "one" else None
+
+    def now(self) -> bool:
+        self.count += 1
+        if self.rate == "one":
+            return self.count - 1 == self.target
+        return bool(self.rate) and self.draw(st.sampled_from(range(self.rate))) == 0
+
+    def pick(self, good, junk):
+        """(value, whether it is the good one)."""
+        if self.now():
+            return self.draw(junk), False
+        return self.draw(good), True
+
+    def splice(self, value_at):
+        """Maybe put a raw token where one of the given values goes: the placeholders to substitute."""
+        if not value_at or not self.now():
+            return {}
+        container, key = self.draw(st.sampled_from(value_at))
+        placeholder = f"@@raw{id(container)}-{key}@@"
+        container[key] = placeholder
+        return {placeholder: self.draw(st.sampled_from(RAW_TOKENS))}
+
+
+rates = st.sampled_from([0, "one", "one", 2, 6])
+
+
+def slots(value):
+    """(container, key) of every value inside a JSON value, depth first."""
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    for key, inner in list(items):
+        yield value, key
+        yield from slots(inner)
+
+
+def junk_like(value):
+    """Junk of the kinds a field holding `value` holds in the wild: another type, a bool for an int, an int off
+    by one or out of range, a float or a string spelling it, empty or whitespace text, a lone surrogate
+    inside the text, any JSON value."""
+    kinds = [junk_text, json_values, big_ints, st.sampled_from([None, True, False, [], {}, "", " ", 0, -1])]
+    if is_int(value):
+        kinds += [st.sampled_from([value - 1, value + 1, -value - 1, float(value), str(value), bool(value)]),
+                  st.integers(-3, value + 60)]
+    if isinstance(value, str):
+        kinds += [st.builds(lambda i, sur: value[:i] + sur + value[i:], st.integers(0, len(value)),
+                            st.sampled_from(SURROGATES)), st.sampled_from([value.strip(), " " + value, value * 2])]
+    if isinstance(value, (list, dict)) and value:
+        kinds += [st.just(type(value)()), st.just([value]), st.just(list(value)), st.just(json.dumps(value))]
+    return st.one_of(kinds)
+
+
+@st.composite
+def mutated(draw, valid, max_mutations=2):
+    """(valid as JSON text with up to max_mutations changes, how many were made): a value replaced by junk of
+    its kind, a key deleted or renamed, an item dropped, or a raw JSON token spliced in where a value goes."""
+    value, raw = json.loads(json.dumps(valid)), {}
+    n = draw(st.integers(0, max_mutations))
+    for _ in range(n):
+        places = list(slots(value))
+        if not places:
+            break
+        container, key = draw(st.sampled_from(places))
+        op = draw(st.sampled_from(["replace", "replace", "replace", "delete", "rename", "raw"]))
+        if op == "delete":
+            del container[key]
+        elif op == "rename" and isinstance(container, dict):
+            container[draw(st.one_of(lone_surrogate_text, texts))] = container.pop(key)
+        elif op == "raw":
+            placeholder = f"@@raw{len(raw)}@@"
+            container[key], raw[placeholder] = placeholder, draw(st.sampled_from(RAW_TOKENS))
+        else:
+            container[key] = draw(junk_like(container[key]))
+    return dumps(value, raw), n
+
+
+def file_bytes(draw, text: bytes, junk):
+    """(the file as written, whether it is whole): maybe gzipped, maybe a gzip stream cut short or followed by
+    garbage."""
+    how = draw(st.sampled_from(["plain", "gzip", "cut", "garbage"] if junk.rate else ["plain", "gzip"]))
+    if how == "plain":
+        return text, True
+    data = gzip.compress(text, mtime=0)
+    if how == "cut":
+        return data[:draw(st.integers(0, len(data) - 1))], False
+    if how == "garbage":
+        return data + draw(st.binary(min_size=1, max_size=20)), False
+    return data, True
+
+
+def check_text(value):
+    """A non-empty str that is valid Unicode: what a tokenizer encodes and a UTF-8 file or terminal holds."""
+    assert isinstance(value, str) and value.strip(), value
+    value.encode("utf-8")
+
+
+def check_examples(examples, answers_required):
+    """What every reader's Examples guarantee the featurizer, the metric and the predictions file."""
+    for ex in examples:
+        for value in (ex.qid, ex.question, ex.context):
+            check_text(value)
+        assert isinstance(ex.dataset, str)
+        ex.dataset.encode("utf-8")
+        assert isinstance(ex.answers, list) and all(isinstance(a, str) for a in ex.answers)
+        for a in ex.answers:
+            a.encode("utf-8")
+        if answers_required:  # (SQuAD 2.0's unanswerable questions have none)
+            assert any(a.strip() for a in ex.answers), ex.answers
+        if ex.span is not None:
+            start, end = ex.span
+            assert is_int(start) and is_int(end) and 0 <= start < end <= len(ex.context), (ex.span, len(ex.context))
+    qids = [ex.qid for ex in examples]
+    assert len(qids) == len(set(qids)), "a qid was read twice"
+
+
+# --- 1. MRQA JSONL
+
+qid_pool = st.one_of(good_text, st.sampled_from(["q1", "q2", "x"]), st.integers(0, 3))
+junk_qid = st.one_of(st.sampled_from([None, "", "  ", True, False, 1.5, [], {}, ["q1"], -0.0]), lone_surrogate_text)
+
+
+def char_span(draw, context, junk):
+    """(a [start, end] pair, inclusive end, whether it lies inside the context)."""
+    n = len(context)
+    if n and not junk.now():
+        start = draw(st.integers(0, n - 1))
+        return [start, draw(st.integers(start, n - 1))], True
+    cs = draw(st.one_of(
+        st.tuples(st.integers(-3, n + 3), st.integers(-3, n + 3)).map(list),
+        st.sampled_from([[True, 1], [0, False], [0.0, 1], [0, 1.0], ["0", "1"], [0], [0, 1, 2], [], 5, None, {}]),
+        st.tuples(big_ints, big_ints).map(list), st.tuples(st.integers(0, n), big_ints).map(list)))
+    return cs, False
+
+
+def mrqa_question(draw, context, junk):
+    """(qa object, (qid, question, answers, span) it must give, or None when it is not well-formed by
+    construction; a junk value may still be valid, so None means only "not known to be good")."""
+    qid, ok_qid = junk.pick(qid_pool, junk_qid)
+    question, ok_q = junk.pick(good_text, junk_text)
+    answers, ok_a = junk.pick(st.lists(good_text, min_size=1, max_size=3), st.one_of(
+        st.lists(junk_text, max_size=2), st.sampled_from([[], [""], [" ", "\n"], [1], "answer", None, {"text": "a"}]),
+        json_values))
+    qa = {"qid": qid, "question": question, "answers": answers}
+    span, ok_d = None, True
+    if draw(st.booleans()):
+        dets = []
+        for _ in range(draw(st.integers(0, 2))):
+            det = {"text": draw(st.one_of(good_text, texts, json_values))}  # its text only warns
+            if draw(st.sampled_from([True, True, False])):
+                det["char_spans"] = []
+                for _ in range(draw(st.integers(0, 2))):
+                    cs, ok = char_span(draw, context, junk)
+                    det["char_spans"].append(cs)
+                    ok_d &= ok
+                    if span is None:
+                        span = (cs[0], cs[1] + 1) if ok else None  # the first span of all, end made exclusive
+            elif junk.now():
+                det["char_spans"], ok_d = draw(st.sampled_from([None, {}, "0,1", 3, True])), False
+            dets.append(det)
+        qa["detected_answers"], ok = junk.pick(st.just(dets), st.sampled_from([{"a": 1}, "spans", 3, [None], [[0, 1]]]))
+        ok_d &= ok
+    if junk.now():
+        del qa[draw(st.sampled_from(["qid", "question", "answers"]))]
+        ok_qid = False
+    good = ok_qid and ok_q and ok_a and ok_d
+    return qa, ((str(qid), question, answers, span) if good else None)
+
+
+@st.composite
+def mrqa_line(draw, junk):
+    """(one line's bytes, [(qid, question, context, answers, span)] of the questions it must give)."""
+    kinds = ["row", "row", "row", "bytes", "json", "header", "blank"] if junk.rate else ["row", "row", "blank"]
+    kind = draw(st.sampled_from(kinds))
+    if kind == "bytes":
+        return draw(st.binary(max_size=40)), []
+    if kind == "json":
+        return dumps(draw(json_values)).encode(), []
+    if kind == "header":  # not on line 1: a header in the middle of the file
+        return dumps({"header": {"dataset": draw(st.one_of(good_text, json_values)), "split": "dev"}}).encode(), []
+    if kind == "blank":
+        return draw(st.sampled_from([b"", b" ", b"\t", b"\r"])), []
+    context, ok_row = junk.pick(good_text, junk_text)
+    qas = [mrqa_question(draw, context if isinstance(context, str) else "", junk)
+           for _ in range(draw(st.integers(0, 3)))]
+    row = {"context": context, "qas": [qa for qa, _ in qas]}
+    if junk.now():
+        row["qas"], ok_row = draw(st.sampled_from([{}, "qas", None, 1])), False
+    if junk.now():
+        del row[draw(st.sampled_from(["context", "qas"]))]
+        ok_row = False
+    raw = junk.splice([(row, "context"), (row, "qas")] + [(qa, k) for qa, _ in qas for k in qa])
+    expected = [(e[0], e[1], context, e[2], e[3]) for _, e in qas if e] if ok_row and not raw else []
+    return dumps(row, raw).encode(), expected
+
+
+@st.composite
+def mrqa_file(draw):
+    """(file bytes, the content before compression, whether it is whole, [questions it must give], clean)."""
+    junk = Junk(draw, draw(rates))
+    lines = draw(st.lists(mrqa_line(junk), max_size=6))
+    if draw(st.booleans()):
+        header = {"header": {"dataset": junk.pick(good_text, junk_text)[0], "split": "dev"}}
+        lines.insert(0, (dumps(header).encode(), []))
+    content = draw(st.sampled_from([b"\n", b"\r\n"])).join(line for line, _ in lines)
+    if draw(st.booleans()):
+        content += b"\n"
+    if draw(st.booleans()):
+        content = b"\xef\xbb\xbf" + content  # a UTF-8 byte-order mark
+    if junk.now() and junk.now():
+        content = content.decode("utf-8", "replace").encode("utf-16")  # begins with a UTF-16 BOM
+    data, whole = file_bytes(draw, content, junk)
+    return data, content, whole, [e for _, expected in lines for e in expected], not junk.rate
+
+
+def must_be_read(examples, expected):
+    """Every well-formed question whose qid no other question of the file has was read, with its fields."""
+    qids = [e[0] for e in expected]
+    by_qid = {ex.qid: ex for ex in examples}
+    for qid, question, context, answers, span in expected:
+        if qids.count(qid) == 1 and qid in by_qid:
+            ex = by_qid[qid]
+            assert (ex.question, ex.context, ex.answers, ex.span) == (question, context, answers, span)
+    # a qid may be taken by a malformed-looking question that is still valid, so only its presence is certain
+    assert set(qids) <= set(by_qid), f"well-formed questions not read: {set(qids) - set(by_qid)}"
+
+
+@settings(PROFILE, max_examples=250)
+@given(f=mrqa_file(), skip_bad=st.booleans())
+def test_mrqa_reader_refuses_or_reads_correctly(work, f, skip_bad):
+    """read_mrqa on any file: a TinyQAError naming the file, or Examples whose qid, question, context and
+    answers are valid Unicode (non-empty where it matters) and whose span lies inside the context. With
+    skip_bad nothing but a file-level problem (a UTF-16 file) raises: every bad line or question is a
+    report.skipped entry instead. Every well-formed question of a whole file is read with the fields it was
+    written with, and a clean file with unique qids is read whole, nothing skipped."""
+    data, content, whole, expected, clean = f
+    path = work / "dev.jsonl.gz"
+    path.write_bytes(data)
+    report = ReadReport()
+    qids = [e[0] for e in expected]
+    try:
+        examples = list(read_mrqa(path, skip_bad=skip_bad, report=report))
+    except TinyQAError as e:
+        event("refused")
+        assert str(path) in str(e)
+        if skip_bad:
+            assert "UTF-16" in str(e) and content.startswith((b"\xff\xfe", b"\xfe\xff")), e
+        assert not clean or len(set(qids)) < len(qids), e
+        return
+    event(f"read: {'some' if examples else 'no'} examples, {'some' if report.skipped else 'none'} skipped")
+    check_examples(examples, answers_required=True)
+    assert all(isinstance(s, str) and s.startswith(f"{path}:") for s in report.skipped)
+    if whole:
+        must_be_read(examples, expected)
+    if clean and len(set(qids)) == len(qids):
+        assert not report.skipped and [(ex.qid, ex.question, ex.context, ex.answers, ex.span) for ex in examples] \
+            == expected
+
+
+@st.composite
+def valid_mrqa_row(draw):
+    """A well-formed MRQA context line and the (qid, question, context, answers, span) of its questions."""
+    context, clean = draw(good_text), Junk(draw, 0)
+    qas = [mrqa_question(draw, context, clean) for _ in range(draw(st.integers(1, 3)))]
+    return {"context": context, "qas": [qa for qa, _ in qas]}, [(e[0], e[1], context, e[2], e[3]) for _, e in qas]
+
+
+@st.composite
+def mutated_mrqa_file(draw):
+    """(file text, the questions it must give when no mutation was made and its qids are unique): one to
+    three well-formed lines, each with up to two mutations."""
+    rows = [draw(valid_mrqa_row()) for _ in range(draw(st.integers(1, 3)))]
+    lines = [draw(mutated(row)) for row, _ in rows]
+    expected = [e for _, es in rows for e in es]
+    untouched = all(n == 0 for _, n in lines) and len({e[0] for e in expected}) == len(expected)
+    return "\n".join(text for text, _ in lines).encode(), (expected if untouched else None)
+
+
+@settings(PROFILE, max_examples=250)
+@given(f=mutated_mrqa_file(), skip_bad=st.booleans())
+def test_mrqa_reader_on_mutated_rows(work, f, skip_bad):
+    """read_mrqa on well-formed lines with one or two fields changed (another type, a bool for an int, a
+    span off by one, an empty text, a lone surrogate, a deleted field, NaN, nesting too deep): a TinyQAError,
+    or with skip_bad a reported skip, or Examples that hold the readers' invariants."""
+    data, expected = f
+    path = work / "mutated.jsonl"
+    path.write_bytes(data)
+    report = ReadReport()
+    try:
+        examples = list(read_mrqa(path, skip_bad=skip_bad, report=report))
+    except TinyQAError as e:
+        assert not skip_bad and expected is None, e
+        event("refused")
+        return
+    event(f"read: {'some' if examples else 'no'} examples, {'some' if report.skipped else 'none'} skipped")
+    check_examples(examples, answers_required=True)
+    if expected is not None:
+        assert [(ex.qid, ex.question, ex.context, ex.answers, ex.span) for ex in examples] == expected
