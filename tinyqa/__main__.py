@@ -165,8 +165,13 @@ def answer_rows(qa, rows, options, skipped) -> int:
             out.update(dataclasses.asdict(answers))
         try:
             line = strict_json(out)
+            line.encode("utf-8")
         except RecursionError:  # a passed-through field nested deeper than JSON can be written back
             skip(skipped, f"{where}: a field is nested too deeply to be written back (skipped)")
+            continue
+        except UnicodeEncodeError:  # a passed-through field or name holding a lone surrogate ("\ud800")
+            skip(skipped, f"{where}: a field is not valid Unicode (a lone surrogate) and cannot be written back "
+                          "as UTF-8 (skipped)")
             continue
         print(line, flush=True)
         n += 1
