@@ -90,11 +90,12 @@ class Handler(BaseHTTPRequestHandler):
         if self.path.split("?", 1)[0] != "/answer":
             return self.send_json(404, {"error": "POST to /answer"})
         length = self.headers.get("Content-Length")
-        if length is None or not re.fullmatch(r"[0-9]{1,15}", length.strip()):
+        digits = length.strip(" \t") if length is not None else None  # HTTP's whitespace only: str.strip takes more
+        if digits is None or not re.fullmatch(r"[0-9]{1,15}", digits):
             self.close_connection = True
             return self.send_json(411 if length is None else 400,
                                   {"error": "a Content-Length header (a whole number of bytes) is required"})
-        length, limit = int(length), self.server.max_body_bytes
+        length, limit = int(digits), self.server.max_body_bytes
         if length > limit:
             # Not read into memory, but drained (up to 16 MB) before the connection closes: closing a socket
             # with unread data makes the kernel reset it, and the client could lose the 413 with it.
@@ -156,7 +157,8 @@ class Handler(BaseHTTPRequestHandler):
         for k, v in (headers or {}).items():
             self.send_header(k, v)
         self.end_headers()
-        self.wfile.write(data)
+        if self.command != "HEAD":  # a response to HEAD has GET's headers, never a body (RFC 9110, 9.3.2)
+            self.wfile.write(data)
 
     def log_message(self, format, *args):
         if not self.server.quiet:
