@@ -193,8 +193,13 @@ def answer_rows(qa, rows, options, skipped) -> int:
             out.update(dataclasses.asdict(answers))
         try:
             line = strict_json(out)
+            line.encode("utf-8")
         except RecursionError:  # a passed-through field nested deeper than JSON can be written back
             skip(skipped, f"{where}: a field is nested too deeply to be written back (skipped)")
+            continue
+        except UnicodeEncodeError:  # a passed-through field or name holding a lone surrogate ("\ud800")
+            skip(skipped, f"{where}: a field is not valid Unicode (a lone surrogate) and cannot be written back "
+                          "as UTF-8 (skipped)")
             continue
         print(line, flush=True)
         n += 1
@@ -327,7 +332,7 @@ def question_rows(lines, context, skipped):
 
 # What an answer line holds beside the input's own fields: an input field of one of these names would be
 # overwritten, so such a line is refused rather than answered with its field silently replaced.
-OUTPUT_FIELDS = ("text", "score", "start", "end", "logit_score", "answers")
+OUTPUT_FIELDS = ("text", "score", "start", "end", "logit_score", "confidence", "answers")
 
 
 def jsonl_rows(lines, skipped):

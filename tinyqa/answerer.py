@@ -25,7 +25,7 @@ from .checks import check_device
 from .cpu import pack_for_cpu, quantize_int8
 from .decode import DecodeConfig, answer_example, rank_documents
 from .errors import TinyQAError
-from .examples import Example
+from .examples import Example, unicode_problem
 from .features import FeaturizerConfig, check_model_fits, featurize
 from .infer import featurizer_config_of, run_model
 from .tokenizer import load_tokenizer
@@ -220,11 +220,8 @@ def text_problem(name, value):
         return f"{name} must be a string, not {type(value).__name__}"
     if not value.strip():
         return f"the {name} is empty" + (" (only whitespace)" if value else "")
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError as e:
-        return f"the {name} is not valid Unicode ({value[e.start]!r} at character {e.start}: a lone surrogate)"
-    return None
+    problem = unicode_problem(value)
+    return f"the {name} {problem}" if problem else None
 
 
 def documents_of(documents):

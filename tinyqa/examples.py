@@ -78,9 +78,21 @@ def is_int(x):
     return isinstance(x, int) and not isinstance(x, bool)
 
 
+def unicode_problem(text):
+    """Why a str is not valid Unicode (None when it is): a lone surrogate such as "\\ud800", which a JSON
+    escape can spell but no tokenizer, UTF-8 file or terminal can hold."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        return f"is not valid Unicode ({text[e.start]!r} at character {e.start}: a lone surrogate)"
+    return None
+
+
 def qid_problem(qid):
     """Why a question id cannot be used (None when it can): a non-empty string or an integer."""
-    if (isinstance(qid, str) and qid.strip()) or is_int(qid):
+    if isinstance(qid, str) and qid.strip():
+        return unicode_problem(qid)
+    if is_int(qid):
         return None
     return f"must be a non-empty string, not {json.dumps(qid)[:40]}"
 

@@ -38,6 +38,9 @@ FAMILY_DEFAULTS = {
                        pad_token_id=0, position_biased_input=False, relative_attention=True, position_buckets=256,
                        pos_att_type=["p2c", "c2p"], share_att_key=True, norm_rel_ebd="layer_norm"),
 }
+# The largest size of any dimension: two of them make a weight matrix whose bytes (4 * 2**60) a 64-bit count
+# still holds (a larger one cannot be built, not even on the meta device), far above any published model's.
+MAX_SIZE = 2**30
 # What transformers assumes for DeBERTa keys a config.json leaves out (DebertaV2Config's defaults describe
 # DeBERTa-v2 without relative attention). `from_dict` reads a file as transformers would, so such a file is
 # refused below rather than silently read as DeBERTa-v3.
@@ -118,7 +121,7 @@ class EncoderConfig:
             wanted = dict(relative_attention=True, position_biased_input=False, position_buckets=256,
                           share_att_key=True, norm_rel_ebd="layer_norm", conv_kernel_size=0)
             refuse += [f"{k}={getattr(self, k)!r} is not supported (DeBERTa-v3 has {v!r})" for k, v in wanted.items()
-                       if getattr(self, k) != v]
+                       if getattr(self, k) != v or (type(v) is int and type(getattr(self, k)) is not int)]  # 256.0
             if sorted(self.pos_att_type or []) != ["c2p", "p2c"]:
                 refuse.append(f"pos_att_type={self.pos_att_type!r} is not supported (DeBERTa-v3 has ['p2c', 'c2p'])")
         if refuse:
@@ -129,11 +132,11 @@ class EncoderConfig:
         rates outside [0, 1), a LayerNorm epsilon that is not a positive number. Refused by name, before
         a division by zero or a shape error deep inside the model could say it less clearly."""
         def whole(v, least):
-            return isinstance(v, int) and not isinstance(v, bool) and v >= least
-        refuse = [f"{k}={getattr(self, k)!r} must be a whole number >= 1" for k in
+            return isinstance(v, int) and not isinstance(v, bool) and least <= v <= MAX_SIZE
+        refuse = [f"{k}={getattr(self, k)!r} must be a whole number from 1 to 2**30" for k in
                   ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
                    "max_position_embeddings", "embedding_size") if not whole(getattr(self, k), 1)]
-        refuse += [f"type_vocab_size={self.type_vocab_size!r} must be a whole number >= 0"] \
+        refuse += [f"type_vocab_size={self.type_vocab_size!r} must be a whole number from 0 to 2**30"] \
             if not whole(self.type_vocab_size, 0) else []
         for k in ("pad_token_id", "bos_token_id", "eos_token_id"):
             v = getattr(self, k)
@@ -147,8 +150,8 @@ class EncoderConfig:
             refuse.append(f"layer_norm_eps={self.layer_norm_eps!r} must be a positive number")
         if not (real(self.initializer_range) and self.initializer_range >= 0):
             refuse.append(f"initializer_range={self.initializer_range!r} must be a number >= 0")
-        if not (isinstance(self.max_relative_positions, int) and not isinstance(self.max_relative_positions, bool)):
-            refuse.append(f"max_relative_positions={self.max_relative_positions!r} must be a whole number")
+        if not whole(self.max_relative_positions, -MAX_SIZE):
+            refuse.append(f"max_relative_positions={self.max_relative_positions!r} must be a whole number up to 2**30")
         if self.family != "deberta-v2" and self.relative_attention:
             refuse.append(f"relative_attention={self.relative_attention!r} is DeBERTa's; {self.model_type} has none")
         if not refuse and self.family == "roberta" and self.max_position_embeddings <= self.pad_token_id + 1:
@@ -188,8 +191,9 @@ class EncoderConfig:
         if d["model_type"] == "deberta-v2":
             if d.get("pos_att_type", "") is None:
                 d["pos_att_type"] = []
-            if "attention_head_size" in d and d["attention_head_size"] * d.get("num_attention_heads", 12) != \
-                    d.get("hidden_size", 768):
+            sizes = d.get("attention_head_size"), d.get("num_attention_heads", 12), d.get("hidden_size", 768)
+            if "attention_head_size" in d and not (all(type(x) is int for x in sizes)
+                                                   and sizes[0] * sizes[1] == sizes[2]):
                 raise ValueError("config: attention_head_size != hidden_size / num_attention_heads is not supported")
             d = {**DEBERTA_ABSENT, **d}
         known = {f.name for f in fields(cls)}
@@ -198,7 +202,11 @@ class EncoderConfig:
     @classmethod
     def from_json(cls, path) -> "EncoderConfig":
         with open(path) as f:
-            return cls.from_dict(json.load(f))
+            try:
+                d = json.load(f)
+            except RecursionError:  # a ValueError like every other JSON its callers refuse
+                raise ValueError("not usable JSON (nested too deeply)") from None
+        return cls.from_dict(d)
 
     def to_dict(self) -> dict:
         keys = COMMON_FIELDS + FAMILY_FIELDS[self.family]

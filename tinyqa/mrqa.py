@@ -13,7 +13,8 @@ import zlib
 from typing import Iterator, Optional
 
 from .errors import TinyQAError
-from .examples import Example, QidIndex, ReadReport, file_stem, is_int, open_binary, qid_problem, report_bad
+from .examples import (Example, QidIndex, ReadReport, file_stem, is_int, open_binary, qid_problem, report_bad,
+                       unicode_problem)
 from .files import JSON_ERRORS, json_problem
 from .metrics import normalize_answer
 
@@ -74,6 +75,9 @@ def _check_qa(qa, i, context):
         raise _BadLine(f"{at}: 'answers' must be a list of strings, not {json.dumps(answers)[:60]}", question=True)
     if not answers or not any(a.strip() for a in answers):
         raise _BadLine(f"{at}: 'answers' is empty: the question cannot be scored", question=True)
+    for name, text in (("question", question), *((f"answers[{n}]", a) for n, a in enumerate(answers))):
+        if unicode_problem(text):
+            raise _BadLine(f"{at}: '{name}' {unicode_problem(text)}", question=True)
     dets = qa.get("detected_answers") or []
     if not isinstance(dets, list):
         raise _BadLine(f"{at}: 'detected_answers' must be a list", question=True)
@@ -114,6 +118,8 @@ def _parse_line(row):
     context, qas = row["context"], row["qas"]
     if not isinstance(context, str) or not context.strip():
         raise _BadLine(f"'context' must be a non-empty string, not {json.dumps(context)[:40]}")
+    if unicode_problem(context):
+        raise _BadLine(f"'context' {unicode_problem(context)}")
     if not isinstance(qas, list):
         raise _BadLine(f"'qas' must be a list, not {json.dumps(qas)[:40]}")
     out = []
@@ -131,7 +137,8 @@ def dataset_name(path) -> str:
         for _, text in _lines(str(path)):
             first = json.loads(text) if isinstance(text, str) else None
             if isinstance(first, dict) and isinstance(first.get("header"), dict) and first["header"].get("dataset"):
-                return str(first["header"]["dataset"])
+                # (a lone surrogate, which no terminal or UTF-8 file holds, is shown as its \u escape)
+                return str(first["header"]["dataset"]).encode("utf-8", "backslashreplace").decode("utf-8")
             break
     except (_Cut, *JSON_ERRORS):
         pass  # the read proper reports what is wrong with the file

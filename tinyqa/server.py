@@ -188,12 +188,13 @@ class Handler(BaseHTTPRequestHandler):
         into memory, but drained so that closing the socket does not reset the connection before the
         client reads the error)."""
         length = self.headers.get("Content-Length")
-        if length is None or not re.fullmatch(r"[0-9]{1,15}", length.strip()):
+        digits = length.strip(" \t") if length is not None else None  # HTTP's whitespace only: str.strip takes more
+        if digits is None or not re.fullmatch(r"[0-9]{1,15}", digits):
             self.close_connection = True
             self.send_json(411 if length is None else 400,
                            {"error": "a Content-Length header (a whole number of bytes) is required"})
             return None
-        length, limit = int(length), self.server.max_body_bytes
+        length, limit = int(digits), self.server.max_body_bytes
         if length > limit:
             self.close_connection = True
             left = min(length, 16 << 20)
@@ -241,7 +242,7 @@ class Handler(BaseHTTPRequestHandler):
         for k, v in (headers or {}).items():
             self.send_header(k, v)
         self.end_headers()
-        if self.command != "HEAD":
+        if self.command != "HEAD":  # a response to HEAD has GET's headers, never a body (RFC 9110, 9.3.2)
             self.wfile.write(data)
         self.server.metrics.count("tinyqa_requests_total", path=self.path.split("?", 1)[0][:40], code=status)
 

@@ -19,7 +19,8 @@ from typing import Iterator, Optional
 
 from .errors import TinyQAError
 from .files import JSON_ERRORS, json_problem
-from .examples import Example, QidIndex, ReadReport, file_stem, is_int, open_binary, qid_problem, report_bad
+from .examples import (Example, QidIndex, ReadReport, file_stem, is_int, open_binary, qid_problem, report_bad,
+                       unicode_problem)
 
 _START = re.compile(rb'^\s*\{\s*"(data|version)"\s*:')
 
@@ -69,6 +70,9 @@ def read_squad(path, skip_bad=False, report: Optional[ReadReport] = None,
                     or not isinstance(par.get("qas"), list):
                 report_bad(where, "needs a non-empty \"context\" string and a \"qas\" list", skip_bad, report, ADVICE)
                 continue
+            if unicode_problem(par["context"]):
+                report_bad(where, f"\"context\" {unicode_problem(par['context'])}", skip_bad, report, ADVICE)
+                continue
             context = par["context"]  # one str object shared by the paragraph's questions: tokenized once
             for k, qa in enumerate(par["qas"]):
                 try:
@@ -101,6 +105,8 @@ def _example(qa, context):
     question, impossible = qa["question"], qa.get("is_impossible", False)
     if not isinstance(question, str) or not question.strip():
         raise ValueError(f"(id {qid}) 'question' must be a non-empty string, not {json.dumps(question)[:40]}")
+    if unicode_problem(question):
+        raise ValueError(f"(id {qid}) 'question' {unicode_problem(question)}")
     if not isinstance(qa["answers"], list):
         raise ValueError(f"(id {qid}) 'answers' must be a list, not {json.dumps(qa['answers'])[:40]}")
     if not isinstance(impossible, bool):
