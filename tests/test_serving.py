@@ -96,18 +96,27 @@ def feature(n):
     return Feature(input_ids=[0] * n, offsets=None, example_index=0)
 
 
-def test_the_least_served_request_goes_first():
-    """The next pass takes the waiting windows least-served request first, one each in turn, up to the
-    budget: a one-window request that arrives behind a large one is in the very next pass."""
-    b = Batcher.__new__(Batcher)  # its queue alone, no model thread
-    b.max_tokens = 500
+def test_newcomers_go_first_and_cannot_starve_the_rest():
+    """A request not yet served runs in the next pass with the other newcomers only; every pass holds at
+    most 250 tokens a request (1000 in all) here; requests under way share passes least-served first;
+    after FRESH_PASSES passes of newcomers, the others get one."""
     from tinyqa.batcher import _Job
-    big, small = _Job([feature(100)] * 40), _Job([feature(100)])
+    b = Batcher.__new__(Batcher)  # its queue alone, no model thread
+    b.max_tokens, b.request_tokens, b.fresh_passes = 1000, 250, 0
+    big, small = _Job([feature(100)] * 40), _Job([feature(100)] * 3)
     big.served = 2000  # the large request has had passes already
     b.jobs = [big, small]
-    picked = b._pick()
-    assert picked[0] == (small, 0) and [j for j, _ in picked].count(big) == 4  # 100 + 4 x 100 = the budget
-    assert small.served == 100 and not small.waiting
+    assert b._pick() == [(small, 0), (small, 1)]  # the newcomer alone: two windows
+    assert b._pick() == [(small, 2), (big, 0), (big, 1), (big, 2), (big, 3)]  # both under way: 500 tokens
+    newcomers = [_Job([feature(100)]) for _ in range(b.FRESH_PASSES + 1)]
+    passes = []
+    for job in newcomers:  # one arrives before every pass
+        b.jobs.append(job)
+        passes.append({j for j, _ in b._pick()})
+    assert all(big not in p for p in passes[:b.FRESH_PASSES]) and big in passes[b.FRESH_PASSES]
+    many = [_Job([feature(100)]) for _ in range(12)]
+    b.jobs, b.fresh_passes = many, 0
+    assert len(b._pick()) == 10  # twelve newcomers: the whole budget, 1000 tokens
 
 
 def test_hosts_not_allowed_are_refused(qa):

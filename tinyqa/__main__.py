@@ -81,8 +81,11 @@ def build_parser():
     s.add_argument("--cors", metavar="ORIGIN", default=None,
                    help="let web pages from ORIGIN call the API (Access-Control-Allow-Origin); none by default")
     s.add_argument("--batch-tokens", type=positive_int, default=None,
-                   help="tokens of concurrent requests' windows run in one forward pass (default: 512 on a CPU, "
-                        "where smaller passes keep a short request's wait short, 16384 on a GPU)")
+                   help="most tokens of concurrent requests' windows in one forward pass (default: 4096 on a CPU, "
+                        "32768 on a GPU)")
+    s.add_argument("--request-tokens", type=positive_int, default=None,
+                   help="most tokens one request brings to a pass, so that a long request runs in short passes and "
+                        "a newcomer waits little (default: 256 on a CPU, 4096 on a GPU)")
     s.add_argument("--batch-wait-ms", type=nonneg_float, default=2.0,
                    help="how long the model waits for more requests to batch before it runs")
     s.add_argument("--backlog", type=positive_int, default=1024,
@@ -400,7 +403,7 @@ def serve_command(args):
     # /health names the model without a local path: an alias or hub id as given, a folder by its name
     label = os.path.basename(os.path.normpath(args.model)) if os.path.exists(args.model) else args.model
     serve(load_answerer(args), args.host, args.port, model_name=label, max_body_bytes=args.max_body_bytes,
-          allow_hosts=args.allow_host, cors=args.cors, batch_tokens=args.batch_tokens,
+          allow_hosts=args.allow_host, cors=args.cors, batch_tokens=args.batch_tokens, request_tokens=args.request_tokens,
           batch_wait_ms=args.batch_wait_ms, backlog=args.backlog)
 
 

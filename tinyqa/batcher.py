@@ -4,10 +4,13 @@ together, a budget of tokens at a time, and no large request can starve a small 
 Each request thread featurizes its own questions, hands its windows to `Batcher.run` and waits; the model
 thread collects for `wait_s` after the first window arrives (or until `max_tokens` are waiting), runs them
 as one forward pass of run_model (length-sorted, padded per batch), and routes each window's logits back;
-the request thread then decodes its own answers. Which windows go next: the requests that have been served
-the fewest tokens so far go first, one window each in turn, until the budget is full. So a one-question
-request that arrives during a thousand-question one waits for at most the pass in flight, then shares the
-next one; the large request keeps the rest of each pass.
+the request thread then decodes its own answers. A pass holds at most `request_tokens` for each request in
+it, and `max_tokens` in all. Requests that have not been served yet go first, in a pass of their own: many
+small requests share long passes, which run nearer the peak. Requests under way share the others,
+least-served first, one window each in turn; a long request alone thus runs in short passes, so that a
+one-question request arriving during a thousand-question one waits for little more than one of them, then
+runs without the long one's windows. After a few passes of newcomers only, the others get one, so a stream
+of small requests cannot starve a large one.
 
 Why this pays on a CPU, where a forward pass already keeps both cores busy: a question alone is one short
 window, whose matmuls run well under the machine's peak; several in one pass run near it. And the request
@@ -29,10 +32,11 @@ class _Job:
 
 
 class Batcher:
-    def __init__(self, model, max_tokens=512, wait_s=0.002, batch_size=64, device="cpu", on_pass=None):
-        self.model, self.max_tokens, self.wait_s = model, max_tokens, wait_s
+    def __init__(self, model, max_tokens=4096, request_tokens=512, wait_s=0.002, batch_size=64, device="cpu",
+                 on_pass=None):
+        self.model, self.max_tokens, self.request_tokens, self.wait_s = model, max_tokens, request_tokens, wait_s
         self.batch_size, self.device, self.on_pass = batch_size, device, on_pass  # on_pass(windows, tokens, s)
-        self.jobs, self.cond, self.stopping = [], threading.Condition(), False
+        self.jobs, self.cond, self.stopping, self.fresh_passes = [], threading.Condition(), False, 0
         self.thread = threading.Thread(target=self._loop, name="tinyqa-batcher", daemon=True)
         self.thread.start()
 
@@ -77,17 +81,25 @@ class Batcher:
                 picked = self._pick()
             self._run(picked)
 
+    # passes of newcomers only in a row, before the requests already under way get one
+    FRESH_PASSES = 4
+
     def _pick(self):
-        """[(job, window index)] for the next pass: least-served requests first, one window each in turn,
-        until max_tokens (at least one window)."""
+        """[(job, window index)] for the next pass (at least one window): the newcomers alone, or every
+        request, least-served first, one window each in turn; request_tokens a request, max_tokens in all."""
+        fresh = [j for j in self.jobs if j.served == 0]
+        if fresh and self.fresh_passes < self.FRESH_PASSES:
+            order, self.fresh_passes = fresh, self.fresh_passes + 1
+        else:
+            order, self.fresh_passes = sorted(self.jobs, key=lambda j: j.served), 0
+        budget = min(self.max_tokens, self.request_tokens * len(order))
         picked, tokens = [], 0
-        order = sorted(self.jobs, key=lambda j: j.served)
         while any(j.waiting for j in order):
             for job in order:
                 if not job.waiting:
                     continue
                 n = len(job.features[job.waiting[0]].input_ids)
-                if picked and tokens + n > self.max_tokens:
+                if picked and tokens + n > budget:
                     return picked
                 picked.append((job, job.waiting.popleft()))
                 job.served += n

@@ -261,8 +261,8 @@ class QAServer(ThreadingHTTPServer):
         self.request_queue_size = backlog  # the listen backlog: connections held while every thread is busy
         super().__init__(address, Handler)
         self.metrics, self.draining, self.connections, self.lock = Metrics(), False, 0, threading.Lock()
-        self.batcher = Batcher(qa.model, kw["batch_tokens"], kw["batch_wait_ms"] / 1000, qa.batch_size, qa.device,
-                               on_pass=self._count_pass)
+        self.batcher = Batcher(qa.model, kw["batch_tokens"], kw["request_tokens"], kw["batch_wait_ms"] / 1000,
+                               qa.batch_size, qa.device, on_pass=self._count_pass)
         self.qa = copy.copy(qa)  # the caller's answerer keeps running the model itself
         self.qa.runner = self.batcher.run
         self.max_body_bytes, self.cors, self.quiet = kw["max_body_bytes"], kw["cors"], kw["quiet"]
@@ -308,14 +308,17 @@ class QAServer(ThreadingHTTPServer):
 
 
 def make_server(qa, host="127.0.0.1", port=8000, max_body_bytes=1_000_000, model_name="", quiet=False,
-                allow_hosts=(), cors=None, batch_tokens=None, batch_wait_ms=2.0, backlog=1024):
-    """A QAServer answering with `qa` (port 0: any free port, see server.server_address). batch_tokens: the
-    model thread's budget per forward pass (default: 512 on a CPU, where short passes keep a short request's
-    wait short and lose little speed; 16384 on a GPU, which wants big passes)."""
-    if batch_tokens is None:
-        batch_tokens = 512 if qa.device.startswith("cpu") else 16 * 1024
+                allow_hosts=(), cors=None, batch_tokens=None, request_tokens=None, batch_wait_ms=2.0, backlog=1024):
+    """A QAServer answering with `qa` (port 0: any free port, see server.server_address). The model thread's
+    passes (tinyqa/batcher.py) hold at most batch_tokens, request_tokens of each request: by default 4096
+    and 256 on a CPU (a long request alone runs in short passes, so a newcomer waits little), 32768 and
+    4096 on a GPU, which wants big passes."""
+    cpu = qa.device.startswith("cpu")
+    batch_tokens = batch_tokens or (4096 if cpu else 32 * 1024)
+    request_tokens = request_tokens or (256 if cpu else 4096)
     return QAServer((host, port), qa, backlog, max_body_bytes=max_body_bytes, model_name=model_name, quiet=quiet,
-                    allow_hosts=allow_hosts, cors=cors, batch_tokens=max(batch_tokens, 1), batch_wait_ms=batch_wait_ms)
+                    allow_hosts=allow_hosts, cors=cors, batch_tokens=batch_tokens, request_tokens=request_tokens,
+                    batch_wait_ms=batch_wait_ms)
 
 
 def serve(qa, host="127.0.0.1", port=8000, model_name="", **kw):
