@@ -6,11 +6,19 @@
     python evaluate.py --model DIR --data a.jsonl.gz b.jsonl.gz --output preds.json --metrics metrics.json
     python evaluate.py --predictions preds.json --data SQuAD-dev.jsonl.gz   # score a file, no model
     python evaluate.py --model DIR --data dev-v2.0.json --handle-impossible-answer --nbest nbest.json --per-question q.jsonl
+    torchrun --nproc-per-node 4 evaluate.py --model DIR --split dev --output preds.json   # 4 processes (GPUs), same files
 
 Prints a table per dataset plus the macro average over datasets (MRQA's headline) and the micro average;
 for a known checkpoint evaluated on a whole official split, the model card's numbers beneath.
 --data also takes SQuAD v1.1 / v2.0 JSON files. A v2.0 file's unanswerable questions are scored by SQuAD
 2.0's rules (an empty prediction is right) with --handle-impossible-answer, and left out, with a notice, without it.
+
+Under torchrun (`--nproc-per-node N`, `--nnodes`) every process reads the same chunks of questions and runs
+its share of each: whole contexts, spread over the processes by length (`share`); rank 0 gathers each chunk's
+predictions and n-best lists and writes what one process writes. Files and table are byte for byte those of
+one process wherever a window's logits do not depend on the other windows of its batch: the CPU's forward
+on real tokens (every family but DeBERTa). Padded batches (GPUs, DeBERTa) can differ from one process's in
+the logits' last bits, so in the n-best file's numbers (docs/scaling.md).
 """
 import argparse
 import json
@@ -22,6 +30,7 @@ from dataclasses import replace
 import torch
 from tqdm import tqdm
 
+from tinyqa import distributed
 from tinyqa.catalog import ALIASES, CARD_SCORES, SPLITS, card_table, quiet_downloads, resolve_dir, split_files
 from tinyqa.checks import check_device, check_distinct_outputs, check_featurizer, check_input_files, check_output_file
 from tinyqa.cli import (DTYPES, HelpFormatter, add_decoder_args, add_featurizer_args, add_inference_model_args,
@@ -178,30 +187,29 @@ def main(argv=None):
     if args.quiet:
         quiet_downloads()
     fcfg = check_args(args)
+    d = distributed.init(args.device)  # under torchrun: this process's rank, and its own GPU
     if args.threads:
         torch.set_num_threads(args.threads)
     qa = None
     if not args.predictions:  # the model first: a wrong --model fails before any data is downloaded or read
         from tinyqa.answerer import QuestionAnswerer
-        qa = QuestionAnswerer.from_pretrained(args.model, device=args.device, dtype=DTYPES[args.dtype],
+        qa = QuestionAnswerer.from_pretrained(args.model, device=d.device, dtype=DTYPES[args.dtype],
                                               quantize=args.quantize)
         # the exact room for context, now that the tokenizer says how many special tokens a window has
         check_featurizer(fcfg.max_seq_len, fcfg.doc_stride, fcfg.max_question_len, pair_layout(qa.tokenizer).n_special)
-    files = args.data or split_files(args.split or "dev", progress=not args.quiet)
+    elif not d.master:  # scoring a predictions file runs no model: nothing to share
+        distributed.finish(d)
+        return None
+    files = args.data or split_files(args.split or "dev", progress=not args.quiet and d.master)
     report, args.left_out = ReadReport(), {}
-    by_dataset, answers = {}, {}  # name -> [Example without its context]; qid -> predicted answer
     null_threshold = args.null_threshold if args.null_threshold is not None else \
         (qa.calibration.null_threshold if qa is not None and qa.calibration.null_threshold is not None else 0.0)
     dcfg = DecodeConfig(args.n_best, args.max_answer_len, args.handle_impossible_answer, null_threshold=null_threshold)
     t0 = time.perf_counter()
-    with (nbest_writer(args.nbest) if args.nbest and qa else nullcontext()) as nbest, \
-            tqdm(desc="evaluate", unit=" questions", disable=args.quiet or qa is None) as bar:
-        for chunk in chunks(stream_examples(args, files, report), CHUNK_QUESTIONS):
-            for name, ex in chunk:
-                by_dataset.setdefault(name, []).append(replace(ex, context=""))
-            if qa is not None:
-                answers.update(predict_chunk(qa, [ex for _, ex in chunk], fcfg, dcfg, args, nbest))
-                bar.update(len(chunk))
+    by_dataset, answers = predict_all(args, files, report, qa, fcfg, dcfg, d)
+    if not d.master:  # rank 0 scores and writes
+        distributed.finish(d)
+        return None
     report.print(lambda line: print(line, file=sys.stderr))
     for name, n in args.left_out.items():
         print(f"note: {name}: {n} unanswerable question(s) left out; pass --handle-impossible-answer to score them by "
@@ -225,17 +233,91 @@ def main(argv=None):
     if args.metrics:
         write_json(args.metrics, metrics, indent=2)
     print_table(metrics)
+    distributed.finish(d)
     return metrics
 
 
-def predict_chunk(qa, examples, fcfg, dcfg, args, nbest=None) -> dict:
-    """{qid: answer} for one chunk of examples (run_qa's n-best decoder), its n-best lists written to nbest."""
-    features, starts, ends = forward_examples(qa.model, qa.tokenizer, examples, fcfg, args.batch_size, args.device)
+def predict_all(args, files, report, qa, fcfg, dcfg, d):
+    """Every question read a chunk at a time and, with a model, predicted: (by_dataset, answers), that is
+    {dataset name: [Example without its context]} and {qid: predicted answer}, on rank 0 ({} and {} on the
+    other ranks, which only run their shares). The n-best lists are written as they come."""
+    by_dataset, answers, work = {}, {}, Work()
+    with (nbest_writer(args.nbest) if args.nbest and qa and d.master else nullcontext()) as nbest, \
+            tqdm(desc="evaluate", unit=" questions", disable=args.quiet or qa is None or not d.master) as bar:
+        for chunk in chunks(stream_examples(args, files, report), CHUNK_QUESTIONS):
+            if d.master:
+                for name, ex in chunk:
+                    by_dataset.setdefault(name, []).append(replace(ex, context=""))
+            if qa is not None:
+                answers.update(predict_chunk(qa, [ex for _, ex in chunk], fcfg, dcfg, args, nbest, d, work))
+                bar.update(len(chunk))
+    if qa is not None and d.world > 1:
+        work.report(d)
+    return by_dataset, answers
+
+
+def predict_chunk(qa, examples, fcfg, dcfg, args, nbest, d, work=None) -> dict:
+    """{qid: answer} for one chunk of examples (run_qa's n-best decoder), its n-best lists written to nbest.
+    Under torchrun each process runs its share (`share`) and rank 0 gathers the predictions and n-best lists
+    and puts them in the chunk's order, the order one process gives them; the other ranks return {}."""
+    mine = [examples[i] for i in share(examples, d.world, d.rank)]
+    t = time.perf_counter()
+    preds, lists = {}, {}
+    if mine:
+        features, starts, ends = forward_examples(qa.model, qa.tokenizer, mine, fcfg, args.batch_size, d.device)
+        if args.nbest:
+            lists = decode_nbest(mine, features, starts, ends, dcfg.n_best, dcfg.max_answer_len,
+                                 dcfg.handle_impossible_answer)
+        preds = {qid: p.text for qid, p in decode(mine, features, starts, ends, dcfg.n_best, dcfg.max_answer_len,
+                                                  dcfg.handle_impossible_answer, dcfg.null_threshold).items()}
+        if work is not None:
+            work.add(len(mine), len(features), time.perf_counter() - t)
+    parts = distributed.gather_to_master(d, (preds, lists))
+    if parts is None:
+        return {}
+    for p, nb in parts[1:]:
+        preds.update(p)
+        lists.update(nb)
     if nbest is not None:
-        nbest.write(decode_nbest(examples, features, starts, ends, dcfg.n_best, dcfg.max_answer_len, dcfg.handle_impossible_answer))
-    preds = decode(examples, features, starts, ends, dcfg.n_best, dcfg.max_answer_len, dcfg.handle_impossible_answer,
-                   dcfg.null_threshold)
-    return {qid: p.text for qid, p in preds.items()}
+        nbest.write({ex.qid: lists[ex.qid] for ex in examples})
+    return {ex.qid: preds[ex.qid] for ex in examples}
+
+
+def share(examples, world, rank) -> list:
+    """The indices of the chunk's examples that process `rank` of `world` runs, in the chunk's order. Whole
+    contexts: the questions of one context stay together (featurized together, the context tokenized once),
+    and the contexts are spread over the processes by their cost, its characters times its questions (the
+    tokens their windows hold), with distributed.balance: a pure function of the chunk, so each process
+    computes its own share and none is sent."""
+    if world == 1:
+        return list(range(len(examples)))
+    groups = {}  # context text -> indices of its questions, in order of first appearance
+    for i, ex in enumerate(examples):
+        groups.setdefault(ex.context, []).append(i)
+    groups = list(groups.values())
+    costs = [sum(len(examples[i].context) + len(examples[i].question) for i in g) for g in groups]
+    owner = distributed.balance(costs, world)
+    return sorted(i for g, r in zip(groups, owner) if r == rank for i in g)
+
+
+class Work:
+    """What this process ran (questions, windows, seconds in featurizing, the model and the decoder), reported
+    per process under torchrun on stderr, so that the split can be seen to be even."""
+
+    def __init__(self):
+        self.questions = self.windows = 0
+        self.seconds = 0.0
+
+    def add(self, questions, windows, seconds):
+        self.questions, self.windows, self.seconds = self.questions + questions, self.windows + windows, \
+            self.seconds + seconds
+
+    def report(self, d):
+        rows = distributed.gather_to_master(d, (self.questions, self.windows, self.seconds))
+        if rows is not None:
+            print(f"{d.world} processes, each whole contexts balanced by length: "
+                  + "; ".join(f"rank {r}: {q} questions, {w} windows, {s:.1f}s" for r, (q, w, s) in enumerate(rows)),
+                  file=sys.stderr)
 
 
 # --- SQuAD 2.0, n-best, per-question and the model card: separate from the MRQA path above
