@@ -6,12 +6,13 @@ import importlib.util
 import json
 import os
 import re
+import shutil
 import socket
 import subprocess
 import sys
 
 import pytest
-from conftest import ROOT
+from conftest import ROOT, synth_args
 from hermetic import tiny_checkpoint
 
 from tinyqa.distributed import balance
@@ -118,3 +119,109 @@ def test_sharded_evaluation_writes_what_one_process_writes(eval_data, tmp_path):
     assert sum(q for q, _ in work) == n_questions
     windows = [w for _, w in work]
     assert min(windows) >= 0.45 * sum(windows), split  # about half each
+
+
+# --- training: --resume auto, in one process
+
+def finetune_argv(synth, out, *extra):
+    """A 1 x 32 model with dropout on (so the RNG states matter) on 40 questions: 6 steps of 16 windows, a
+    checkpoint every 2."""
+    return synth_args(synth, out, "--init-config", synth["dropout_cfg"], "--epochs", "2", "--batch-size", "16",
+                      "--lr", "1e-3", "--limit", "40", "--save-every", "2", "--resume", "auto", *extra)
+
+
+def weights(folder) -> bytes:
+    return (folder / "model.safetensors").read_bytes()
+
+
+def test_resume_auto_starts_resumes_and_refuses_another_run(synth, tmp_path, capsys):
+    from tinyqa import TinyQAError, cli
+    from tinyqa.train import train
+    a = tmp_path / "a"
+    train(cli.finetune_args(finetune_argv(synth, a)))  # an empty --out: a fresh start
+    steps = [json.loads(line)["step"] for line in (a / "log.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, len(steps) + 1)) and len(steps) >= 5
+    # what an attempt lost after 1 step, before its first checkpoint, leaves: its settings, its log, a
+    # checkpoint being written; a restart with the same command line starts over it
+    b = tmp_path / "b"
+    (b / "checkpoint-2.tmp").mkdir(parents=True)
+    shutil.copy(a / "args.json", b / "args.json")
+    (b / "log.jsonl").write_text((a / "log.jsonl").read_text().splitlines()[0] + "\n")
+    train(cli.finetune_args(finetune_argv(synth, b)))
+    assert weights(b) == weights(a) and (b / "log.jsonl").read_text().count("\n") == len(steps)
+    assert not (b / "checkpoint-2.tmp").exists()
+    # a restart after a checkpoint continues from the newest complete one (a later one being written is not)
+    newest = max(int(p.name.split("-")[1]) for p in a.glob("checkpoint-*"))
+    (a / f"checkpoint-{newest + 1}.tmp").mkdir()
+    (a / "model.safetensors").unlink()
+    capsys.readouterr()
+    train(cli.finetune_args(finetune_argv(synth, a)))
+    assert f"resuming at step {newest}" in capsys.readouterr().out
+    assert weights(a) == weights(b)
+    # another run's first steps, a finished run, and --overwrite are refused
+    c = tmp_path / "c"
+    c.mkdir()
+    shutil.copy(a / "args.json", c / "args.json")
+    with pytest.raises(TinyQAError, match=r"another run.*--lr 0\.002 \(that run has 0\.001\)"):
+        train(cli.finetune_args(finetune_argv(synth, c, "--lr", "2e-3")))
+    done = tmp_path / "done"
+    train(cli.finetune_args(finetune_argv(synth, done, "--save-every", "0")))
+    with pytest.raises(TinyQAError, match="holds a finished run"):
+        train(cli.finetune_args(finetune_argv(synth, done, "--save-every", "0")))
+    with pytest.raises(TinyQAError, match="--overwrite would delete it"):
+        train(cli.finetune_args(finetune_argv(synth, a, "--overwrite")))
+
+
+# --- training under torchrun: a lost rank, and two nodes
+
+def train_cmd(synth, out):
+    return [ROOT / "train_finetune.py", *finetune_argv(synth, out)]
+
+
+@pytest.fixture(scope="module")
+def unbroken(synth, tmp_path_factory):
+    """The run every restarted or two-node group must end as: 2 processes on one node, nothing killed."""
+    out = tmp_path_factory.mktemp("unbroken") / "run"
+    run(torchrun(*train_cmd(synth, out)))
+    return out
+
+
+@pytest.mark.slow
+def test_a_killed_rank_restarts_the_group_and_the_run_ends_as_an_unbroken_one(synth, unbroken, tmp_path):
+    """torchrun --max-restarts 2 with TINYQA_TEST_KILL (tinyqa/runs.py): rank 0 is killed after step 1 of the
+    first attempt, before any checkpoint (the second attempt starts the run again over its log), and rank 1
+    after step 3 of the second, past checkpoint-2 (the third continues from it). model.safetensors equals the
+    unbroken run's byte for byte, and the log holds each step once."""
+    out = tmp_path / "run"
+    # c10d's rendezvous (a static one keeps one store across attempts) with a store of the workers' own: the
+    # one torchrun shares with them keeps the last attempt's keys (pytorch#135712, docs/scaling.md)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--max-restarts", "2",
+           "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{free_port()}", *train_cmd(synth, out)]
+    r = subprocess.run([str(c) for c in cmd], capture_output=True, text=True, timeout=TIMEOUT,
+                       env={**env(), "TINYQA_TEST_KILL": "1:0:0,3:1:1", "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"})
+    assert r.returncode == 0, r.stderr[-4000:]
+    assert "resuming at step 2" in r.stdout, r.stdout[-2000:]
+    assert r.stderr.count("exitcode: -9") == 2, r.stderr[-4000:]  # two attempts lost a rank to SIGKILL
+    assert weights(out) == weights(unbroken)
+    steps = [json.loads(line)["step"] for line in (out / "log.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, len(steps) + 1))
+
+
+@pytest.mark.slow
+def test_two_nodes_give_the_weights_of_one(synth, unbroken, tmp_path):
+    """Two torchrun agents of one process each (--nnodes 2) meeting through c10d's rendezvous on this machine,
+    as two machines would: the weights of one node with 2 processes, byte for byte."""
+    out, port = tmp_path / "run", free_port()
+    agents = [subprocess.Popen([str(c) for c in [
+        sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1",
+        "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "two-nodes",
+        *train_cmd(synth, out)]], env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for _ in range(2)]
+    try:
+        results = [a.communicate(timeout=TIMEOUT) for a in agents]
+    finally:
+        for a in agents:
+            if a.poll() is None:
+                a.kill()
+    assert [a.returncode for a in agents] == [0, 0], [err[-3000:] for _, err in results]
+    assert weights(out) == weights(unbroken)

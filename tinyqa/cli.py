@@ -191,8 +191,11 @@ def _add_run_args(p, defaults, note=lambda k: ""):
     g = p.add_argument_group("checkpoints and logging")
     g.add_argument("--out", default=defaults["out"], help="output folder: final model, checkpoints, log.jsonl" + note("out"))
     g.add_argument("--save-every", type=nonneg_int, default=1000, help="checkpoint every N optimizer steps (0: only at the end)")
-    g.add_argument("--resume", metavar="CHECKPOINT_DIR",
-                   help="continue a run from one of its checkpoints, in that run's folder and with its settings")
+    g.add_argument("--resume", metavar="CHECKPOINT_DIR|auto",
+                   help="continue a run from one of its checkpoints, in that run's folder and with its settings; "
+                        "auto: from the newest complete checkpoint in --out, else start the run there (what "
+                        "`torchrun --max-restarts N` needs, since it restarts a group with the same command line; "
+                        "not the default, so that a command never continues a run it did not ask for)")
     g.add_argument("--overwrite", action="store_true",
                    help="replace the run already in --out (its log, checkpoints and final model are deleted)")
     g.add_argument("--keep-checkpoints", type=nonneg_int, default=3, metavar="N",

@@ -11,6 +11,7 @@ same split (evaluate.py's shards). `restart_count` says which attempt this is wh
 """
 import heapq
 import os
+import sys
 from typing import NamedTuple
 
 import torch
@@ -32,6 +33,10 @@ def init(device: str) -> Dist:
     world = int(os.environ.get("WORLD_SIZE", 1))
     rank = int(os.environ.get("RANK", 0))
     if world > 1:
+        if restart_count() and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True" and rank == 0:
+            print("notice: torchrun restarted this group over the store its agent shares with the workers, which "
+                  "still holds the last attempt's keys (pytorch#135712): if the group does not form, run torchrun "
+                  "with --rdzv-backend c10d and TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1", file=sys.stderr, flush=True)
         cuda = torch.device(device).type == "cuda"
         if cuda:
             device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"

@@ -13,7 +13,13 @@ What a user can rely on:
 - --resume continues in the checkpoint's own folder with the settings the run started with; a flag given
   with --resume that would change them is refused, never silently ignored; log.jsonl is cut back to the
   checkpoint's step, so no step appears twice;
-- a fresh run never mixes into another: a non-empty --out is refused unless --overwrite.
+- a fresh run never mixes into another: a non-empty --out is refused unless --overwrite;
+- `--resume auto` (what torchrun's --max-restarts needs: a restarted group runs the same command line)
+  continues from the newest complete checkpoint in --out, or starts the run when it has none; the first
+  steps of an attempt lost before its first checkpoint (its log.jsonl, the args.json written with the log's
+  first row) are replaced when their settings are this command line's, and refused, naming the difference,
+  when they are another run's. TINYQA_TEST_KILL is a test hook that kills a rank at a given step
+  (`kill_hook_for_tests`).
 """
 import glob
 import json
@@ -28,6 +34,7 @@ import threading
 import numpy as np
 import torch
 
+from . import distributed
 from .errors import TinyQAError
 from .files import atomic_write, disk_error, fsync_tree, read_json
 from .weights import save_pretrained
@@ -116,14 +123,19 @@ def restart_log(out, start_step, steps_per_epoch):
 
 class RunLog:
     """log.jsonl, one JSON object per line, flushed each row; opened at the first row, so a run that fails
-    before its first step leaves no log behind (and no --out that later runs must --overwrite)."""
+    before its first step leaves no log behind (and no --out that later runs must --overwrite). A fresh
+    run's settings (`settings`: its args.json) are written beside it first, so that `--resume auto` can tell
+    this run's lost first steps from another run's."""
 
-    def __init__(self, path, append):
-        self.path, self.mode, self.f = path, "a" if append else "w", None
+    def __init__(self, path, append, settings=None):
+        self.path, self.mode, self.f, self.settings = path, "a" if append else "w", None, settings
 
     def write(self, row: dict):
         if self.f is None:
             os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
+            if self.settings is not None and self.mode == "w":
+                with atomic_write(os.path.join(os.path.dirname(self.path), "args.json")) as f:
+                    json.dump(self.settings, f, indent=2)
             self.f = open(self.path, self.mode, encoding="utf-8")
         self.f.write(json.dumps(row) + "\n")
         self.f.flush()
@@ -252,6 +264,63 @@ def resume_args(args):
             setattr(args, k, v)
     args.out = run_dir
     return args
+
+
+def is_complete_checkpoint(folder) -> bool:
+    return all(os.path.isfile(os.path.join(folder, name))
+               for name in ("training_state.pt", "args.json", "config.json", "model.safetensors"))
+
+
+def auto_resume(args):
+    """--resume auto: args resuming from the newest complete checkpoint in --out, else args of a fresh start
+    (args.resume None). A fresh start over what an attempt of this same run left before its first checkpoint
+    (args.json, log.jsonl, temporary folders) removes it as --overwrite would; settings that differ from that
+    attempt's, or a finished run in --out, are refused."""
+    if args.overwrite:
+        raise TinyQAError("--resume auto continues the run in --out after a restart, and --overwrite would delete "
+                          "it: drop one of them")
+    done = [path for _, path in checkpoints(args.out) if is_complete_checkpoint(path)]
+    args.resume = done[-1] if done else None
+    if done or not os.path.isdir(args.out) or not os.listdir(args.out):
+        return args
+    if os.path.exists(os.path.join(args.out, "model.safetensors")):
+        raise TinyQAError(f"--resume auto: --out {args.out} holds a finished run and no checkpoint to continue: "
+                          "nothing to do; choose another --out, or pass --overwrite instead to train it again")
+    attempt = os.path.join(args.out, "args.json")
+    if os.path.exists(attempt):
+        saved = read_args(args.out, "the settings of the run's first attempt")
+        ignored = RUNTIME_ARGS | {"init"}  # init: what build_model found, set during the run
+        differ = [f"--{k.replace('_', '-')} {getattr(args, k)} (that run has {saved[k]})" for k in saved
+                  if k not in ignored and hasattr(args, k) and not _same(getattr(args, k), saved[k])]
+        if differ:
+            raise TinyQAError(f"--resume auto: --out {args.out} holds the first steps of another run, without a "
+                              f"checkpoint: {', '.join(differ)}; choose another --out, or --overwrite it")
+        args.overwrite = True  # the lost attempt's log and settings: this run starts over them
+    return args  # anything else in --out is left to check_fresh_out, which refuses it
+
+
+def check_same_start(dist, args):
+    """Every process of a group starts from the same checkpoint: --resume auto looks into --out on each node,
+    and nodes that do not share one folder would otherwise continue from different steps."""
+    if dist.world == 1:
+        return
+    found = distributed.gather(dist, os.path.basename(args.resume) if args.resume else "a fresh start")
+    if len(set(found)) > 1:
+        points = ", ".join(f"rank {r}: {x}" for r, x in enumerate(found))
+        raise TinyQAError(f"the processes would start from different points ({points}): --out {args.out} must be "
+                          "one folder that every node sees")
+
+
+# A test hook, read here and nowhere else: TINYQA_TEST_KILL="STEP:RANK:ATTEMPT[,...]" makes process RANK kill
+# itself with SIGKILL right after optimizer step STEP (and that step's checkpoint, if it has one) on
+# torchrun's attempt ATTEMPT (0 is the first; TORCHELASTIC_RESTART_COUNT), as a lost machine would.
+# tests/test_distributed.py restarts groups with it; nothing else sets it.
+KILL_HOOK = "TINYQA_TEST_KILL"
+
+
+def kill_hook_for_tests(step, rank):
+    if f"{step}:{rank}:{distributed.restart_count()}" in os.environ.get(KILL_HOOK, "").split(","):
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 # --- stopping cleanly

@@ -38,8 +38,9 @@ from .features import FeaturizerConfig
 from .intermediate import ProjectedStudent, teacher_targets
 from .losses import distillation_loss, intermediate_loss, span_ce_loss
 from .preflight import build_model, preflight, stage_of
-from .runs import (RunLog, StopSignal, clear_run, load_training_state, prune_checkpoints, restart_log, resume_args,
-                   rng_states, save_checkpoint, save_final, set_rng_states)
+from .runs import (RunLog, StopSignal, auto_resume, check_same_start, clear_run, kill_hook_for_tests,
+                   load_training_state, prune_checkpoints, restart_log, resume_args, rng_states, save_checkpoint,
+                   save_final, saved_args, set_rng_states)
 from .store import default_root as store_root
 from .store import open_store
 from .teacher_cache import default_root as cache_root
@@ -71,6 +72,8 @@ class Objective(NamedTuple):
 def train(args):
     """Run a training command line (tinyqa/cli.py's distill_args or finetune_args) and return the trained
     model: checks, model, data, teacher and optimizer, then the loop."""
+    if args.resume == "auto":  # a torchrun restart: the newest checkpoint in --out, else a fresh start
+        args = auto_resume(args)
     if args.resume:
         args = resume_args(args)
     if args.quiet:
@@ -78,6 +81,7 @@ def train(args):
     stage = stage_of(args)
     plan = preflight(args)
     dist = distributed.init(args.device)
+    check_same_start(dist, args)
     if args.batch_size % dist.world:
         raise TinyQAError(f"--batch-size {args.batch_size} is not divisible by the {dist.world} processes")
     log = print if dist.master else (lambda *a, **k: None)
@@ -146,7 +150,8 @@ def loop(args, ddp, optim, objective, store, dist, start_step, save, evaluate):
     from tqdm import tqdm
     steps_per_epoch = math.ceil(len(store) / args.batch_size)
     total_steps = steps_per_epoch * args.epochs
-    log_file = RunLog(os.path.join(args.out, "log.jsonl"), append=bool(args.resume)) if dist.master else None
+    log_file = RunLog(os.path.join(args.out, "log.jsonl"), append=bool(args.resume),
+                      settings=saved_args(args)) if dist.master else None
     bar = tqdm(total=total_steps, initial=start_step, desc="distill" if args.distill else "finetune",
                disable=not dist.master or args.quiet)
     batches, batches_epoch, last_checkpoint = None, -1, None
@@ -181,6 +186,7 @@ def loop(args, ddp, optim, objective, store, dist, start_step, save, evaluate):
                 last = step + 1 == total_steps
                 if args.save_every and (step + 1) % args.save_every == 0 and not last:
                     last_checkpoint = save(step + 1)
+                kill_hook_for_tests(step + 1, dist.rank)
                 if evaluate and pos == steps_per_epoch - 1:
                     log_file.write({"epoch": epoch + 1, "eval": evaluate(epoch)})
                 if args.stop_after is not None and step + 1 == args.stop_after and not last:
