@@ -6,7 +6,7 @@
     python evaluate.py --model DIR --data a.jsonl.gz b.jsonl.gz --output preds.json --metrics metrics.json
     python evaluate.py --predictions preds.json --data SQuAD-dev.jsonl.gz   # score a file, no model
     python evaluate.py --model DIR --data dev-v2.0.json --handle-impossible-answer --nbest nbest.json --per-question q.jsonl
-    torchrun --nproc-per-node 4 evaluate.py --model DIR --split dev --output preds.json   # 4 processes (GPUs), same files
+    torchrun --nproc-per-node 4 evaluate.py --model DIR --split dev --output preds.json   # 4 processes, same files
 
 Prints a table per dataset plus the macro average over datasets (MRQA's headline) and the micro average;
 for a known checkpoint evaluated on a whole official split, the model card's numbers beneath.

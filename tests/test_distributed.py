@@ -83,8 +83,8 @@ def test_shares_keep_contexts_whole_and_cover_the_chunk_once(tmp_path):
 
 @pytest.fixture(scope="module")
 def eval_data(tmp_path_factory):
-    """A tiny random checkpoint and two MRQA files: one of more than 2,000 questions (two of evaluate.py's
-    chunks, a context cut between them), a third of its contexts several windows long; and a small one."""
+    """A tiny random checkpoint and two MRQA files: 2,160 questions, a third of their contexts several windows
+    long, and 120 more: two of evaluate.py's chunks, the second across both files."""
     d = tmp_path_factory.mktemp("sharded-eval")
     tiny_checkpoint(d / "model")
     write_mrqa(d / "a.jsonl.gz", make_dataset(720, seed=5, long_fraction=0.3, long_people=(8, 12), split="dev"),
