@@ -124,8 +124,8 @@ def test_sharded_evaluation_writes_what_one_process_writes(eval_data, tmp_path):
 # --- training: --resume auto, in one process
 
 def finetune_argv(synth, out, *extra):
-    """A 1 x 32 model with dropout on (so the RNG states matter) on 40 questions: 6 steps of 16 windows, a
-    checkpoint every 2."""
+    """A 1 x 32 model with dropout on (so the RNG states matter) on 40 questions, 56 windows: 8 steps of 16, a
+    checkpoint every 2, and --resume auto."""
     return synth_args(synth, out, "--init-config", synth["dropout_cfg"], "--epochs", "2", "--batch-size", "16",
                       "--lr", "1e-3", "--limit", "40", "--save-every", "2", "--resume", "auto", *extra)
 
@@ -135,6 +135,9 @@ def weights(folder) -> bytes:
 
 
 def test_resume_auto_starts_resumes_and_refuses_another_run(synth, tmp_path, capsys):
+    """--resume auto in every situation a restarted group can find --out in, in one process: empty, an
+    attempt's first steps (same settings: started over; other settings: refused), checkpoints (the newest
+    complete one), a finished run without checkpoints (refused), and beside --overwrite (refused)."""
     from tinyqa import TinyQAError, cli
     from tinyqa.train import train
     a = tmp_path / "a"
