@@ -40,3 +40,10 @@ def test_intermediate_stage_overfits_one_batch(synth, teacher, tmp_path):
                                      synth["student_cfg"], "--teacher", str(teacher))))
     loss = losses(tmp_path / "tb")
     assert loss[-1] < 0.1 * loss[0], (loss[0], loss[-1])
+
+
+def test_minilmv2_stage_overfits_one_batch(synth, teacher, tmp_path):
+    train(cli.distill_args(one_batch(synth, tmp_path / "rel", "--stage", "minilmv2", "--init-config",
+                                     synth["student_cfg"], "--teacher", str(teacher))))
+    loss = losses(tmp_path / "rel")
+    assert loss[-1] < 0.1 * loss[0], (loss[0], loss[-1])

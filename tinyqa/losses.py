@@ -94,3 +94,39 @@ def intermediate_loss(student_hidden, teacher_hidden, student_scores, teacher_sc
     att = sum(attention_mse(s, t, attention_mask) for s, t in zip(student_scores, teacher_scores))
     total = weights[0] * emb + weights[1] * hid + weights[2] * att
     return total, emb, hid, att
+
+
+# --- multi-head self-attention relation distillation (Wang et al. 2021, "MiniLMv2", section 3)
+#
+# A layer's queries (likewise keys, values) of all attention heads, (B, L, H), are regrouped into A relation
+# heads of H / A features each; teacher and student use the same A, so their widths and attention-head counts
+# may differ. The query-query relation of head a is, for every query token t, the distribution
+# softmax(Q_a Q_a^T / sqrt(H / A)) over the tokens; the student learns the teacher's by KL(teacher || student),
+# averaged over relation heads and the window's real tokens (padded keys are left out of every softmax,
+# padded queries out of the average), then over windows. The loss is the sum of the QQ, KK and VV terms.
+
+def relations(x, attention_mask, heads):
+    """log softmax(x_a x_a^T / sqrt(d_r)) per relation head a: (B, L, H) -> (B, A, L, L), padded keys at -inf
+    in effect (probability 0)."""
+    B, L, H = x.shape
+    d = H // heads
+    x = x.float().view(B, L, heads, d).transpose(1, 2)  # (B, L, H) -> (B, L, A, d_r) -> (B, A, L, d_r)
+    scores = x @ x.transpose(-1, -2) / d ** 0.5  # (B, A, L, L)
+    keys = attention_mask.bool()[:, None, None, :]  # (B, 1, 1, L)
+    return F.log_softmax(scores.masked_fill(~keys, _MASKED), dim=-1)
+
+
+def relation_kl(teacher, student, attention_mask, heads):
+    """Mean over windows of KL(teacher relation || student relation), summed over keys, averaged over the
+    relation heads and the window's real query tokens. teacher (B, L, H_t), student (B, L, H_s)."""
+    log_t, log_s = relations(teacher, attention_mask, heads), relations(student, attention_mask, heads)
+    kl = (log_t.exp() * (log_t - log_s)).sum(dim=-1)  # (B, A, L): one KL per relation head and query token
+    real = attention_mask.float()  # (B, L)
+    per_window = (kl.mean(dim=1) * real).sum(dim=1) / real.sum(dim=1)  # (B,)
+    return per_window.mean()
+
+
+def minilm_loss(teacher_qkv, student_qkv, attention_mask, heads):
+    """(total, QQ part, KK part, VV part): the relation KL of queries, keys and values, summed."""
+    parts = [relation_kl(t, s, attention_mask, heads) for t, s in zip(teacher_qkv, student_qkv)]
+    return sum(parts), *parts

@@ -6,7 +6,7 @@ Notable:
   loss is weighted by its share of the global batch, so 1 GPU x 4 accumulation steps and 4 GPUs x 1
   optimise the same thing;
 - what a step optimises is one plain function per stage (`span_objective`, `prediction_objective`,
-  `intermediate_objective`); the losses themselves are tinyqa/losses.py's;
+  `intermediate_objective`, `minilmv2_objective`); the losses themselves are tinyqa/losses.py's;
 - AdamW (no decay on biases and LayerNorm), clipping at 1.0, LinearWarmup through LambdaLR;
 - the training windows come from the on-disk feature store (tinyqa/store.py), the teacher's logits from
   its cache beside it (tinyqa/teacher_cache.py), or from the teacher per batch (--teacher-on-the-fly);
@@ -36,7 +36,8 @@ from .catalog import quiet_downloads, split_files
 from .errors import TinyQAError
 from .features import FeaturizerConfig
 from .intermediate import ProjectedStudent, teacher_targets
-from .losses import distillation_loss, intermediate_loss, span_ce_loss
+from .losses import distillation_loss, intermediate_loss, minilm_loss, span_ce_loss
+from .minilm import RelationStudent, capture_qkv
 from .preflight import build_model, preflight, stage_of
 from .runs import (RunLog, StopSignal, clear_run, load_training_state, prune_checkpoints, restart_log, resume_args,
                    rng_states, save_checkpoint, save_final, set_rng_states)
@@ -48,7 +49,8 @@ from .weights import load_model, load_model_config
 
 # What each stage's loss is made of, logged beside "loss" in log.jsonl.
 LOSS_PARTS = {"finetune": ("ce_loss",), "prediction": ("kd_loss", "ce_loss"),
-              "intermediate": ("embedding_loss", "hidden_loss", "attention_loss")}
+              "intermediate": ("embedding_loss", "hidden_loss", "attention_loss"),
+              "minilmv2": ("qq_loss", "kk_loss", "vv_loss")}
 
 
 class Optim(NamedTuple):
@@ -97,6 +99,8 @@ def train(args):
         # without a gradient for DDP to wait on. The prediction-layer stage trains it.
         model.qa_outputs.requires_grad_(False)
         trained = ProjectedStudent(model, load_model_config(plan.dirs["teacher"]).hidden_size).to(dist.device)
+    elif stage == "minilmv2":  # the student's last layer gives its queries, keys and values
+        trained = RelationStudent(model)
 
     # --- data: featurized once into the on-disk store (the first process builds it, all read it)
     train_files = args.train or split_files("train", progress=dist.master and not args.quiet, flag="--train")
@@ -283,13 +287,28 @@ def intermediate_objective(model, b, idx, teacher, layer_map, weights, clock):
     return loss, torch.stack([emb, hid, att])
 
 
+def minilmv2_objective(model, b, idx, teacher, teacher_layer, heads, clock):
+    """MiniLMv2's stage: the student's last layer learns one teacher layer's query-query, key-key and
+    value-value relations. model: the RelationStudent (inside DDP), giving its last layer's (q, k, v)."""
+    with clock, torch.no_grad(), capture_qkv(teacher, teacher_layer) as t_qkv:
+        teacher(b["input_ids"], b["attention_mask"], b["token_type_ids"])
+    s_qkv = model(b["input_ids"], b["attention_mask"], b["token_type_ids"])
+    loss, qq, kk, vv = minilm_loss(t_qkv, s_qkv, b["attention_mask"], heads)
+    return loss, torch.stack([qq, kk, vv])
+
+
 def make_objective(args, stage, plan, store, amp_dtype, dist, log) -> Objective:
     """The stage's objective with what it needs bound: the teacher (per batch) or its cached logits."""
-    per_batch = stage == "intermediate" or getattr(args, "teacher_on_the_fly", False)
+    per_batch = stage in ("intermediate", "minilmv2") or getattr(args, "teacher_on_the_fly", False)
     clock = TeacherClock(dist.device, active=per_batch)
     if stage == "finetune":
         return Objective(span_objective, LOSS_PARTS[stage], clock)
     teacher = load_model(plan.dirs["teacher"], device=dist.device, verbose=dist.master) if per_batch else None
+    if stage == "minilmv2":
+        layer, heads = plan.relation
+        log(f"minilmv2 stage: the student's last layer learns teacher layer {layer}'s relations, {heads} relation heads")
+        return Objective(partial(minilmv2_objective, teacher=teacher, teacher_layer=layer, heads=heads, clock=clock),
+                         LOSS_PARTS[stage], clock)
     if stage == "intermediate":
         log(f"intermediate stage: student layers 1..{len(plan.layer_map)} learn teacher layers {plan.layer_map}")
         weights = (args.embedding_loss_weight, args.hidden_loss_weight, args.attention_loss_weight)
