@@ -72,10 +72,10 @@ def test_a_student_equal_to_its_teacher_has_zero_loss():
 def test_defaults_and_refusals():
     assert default_teacher_layer(24) == 21 and default_teacher_layer(12) == 12 and default_teacher_layer(6) == 6
     assert default_relation_heads(1024, 384) == 64 and default_relation_heads(384, 256) == 64
-    assert default_relation_heads(128, 48) == 16
+    assert default_relation_heads(128, 48) == 8 and default_relation_heads(128, 64) == 16
     big = EncoderConfig(hidden_size=128, num_hidden_layers=2, num_attention_heads=4)
     small = EncoderConfig(hidden_size=48, num_hidden_layers=1, num_attention_heads=3)
-    assert check_relation_setup(big, small) == (2, 16)
+    assert check_relation_setup(big, small) == (2, 8)
     with pytest.raises(TinyQAError, match="does not split into 5"):
         check_relation_setup(big, small, heads=5)
     with pytest.raises(TinyQAError, match="layers 1 to 2"):
@@ -108,7 +108,7 @@ def relation_loss_of(folder, teacher, synth):
     with torch.no_grad(), capture_qkv(t, 2) as tq, capture_qkv(student, 2) as sq:
         t(b["input_ids"], b["attention_mask"])
         student(b["input_ids"], b["attention_mask"])
-    return minilm_loss(tq, sq, b["attention_mask"], 16)[0].item()
+    return minilm_loss(tq, sq, b["attention_mask"], 8)[0].item()
 
 
 def test_the_stage_teaches_a_narrower_student_and_the_prediction_stage_follows(synth, teacher, narrow_cfg, tmp_path):

@@ -272,7 +272,7 @@ def distill_parser(stage="prediction", description=""):
                             "the last, or for teachers of 24 layers or more 7/8 of the depth: 21 of 24)")
         g.add_argument("--relation-heads", type=positive_int, default=None, metavar="A",
                        help="relation heads the queries, keys and values are regrouped into, for both models "
-                            "(default: the most, up to 64, that divide both widths)")
+                            "(default: the most, up to 64, that divide both widths into heads of 4 features or more)")
     else:
         g = p.add_argument_group("intermediate stage (TinyBERT; loss = e * L_embedding + h * sum L_hidden + "
                                  "a * sum L_attention over the mapped layers)")

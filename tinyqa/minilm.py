@@ -6,8 +6,9 @@ Pretrained Transformers" (section 3; its training code was never released). The 
 the query-query, key-key and value-value relations of one teacher layer: the last for base-size teachers,
 an upper-middle one for large ones, which the paper found to teach better (here 7/8 of the depth: layer 21
 of 24). Relations are taken over relation heads shared by both models (the paper uses more of them than
-attention heads; here the most, up to 64, that divide both widths), so the student may have another width,
-depth and attention-head count than its teacher, unlike TinyBERT's layer-to-layer stage. The loss is
+attention heads; here the most, up to 64, that divide both widths into heads of 4 features or more), so the
+student may have another width, depth and attention-head count than its teacher, unlike TinyBERT's
+layer-to-layer stage. The loss is
 tinyqa/losses.py's `minilm_loss`; `train_distill.py --stage minilmv2` runs it.
 """
 import math
@@ -25,10 +26,11 @@ def default_teacher_layer(n_layers: int) -> int:
 
 
 def default_relation_heads(teacher_width: int, student_width: int) -> int:
-    """The most relation heads, up to 64, into which both widths split evenly (1024 and 384: 64 of 16 and 6
-    features; 768 and 384: 64 of 12 and 6)."""
-    common = math.gcd(teacher_width, student_width)
-    return max(a for a in range(1, 65) if common % a == 0)
+    """The most relation heads, up to 64, into which both widths split evenly with at least 4 features a
+    head (1024 and 384: 64 heads of 16 and 6 features; 128 and 64: 16 of 8 and 4); more heads, finer
+    relations, but a head of one or two features relates tokens by little more than a sign."""
+    common, narrow = math.gcd(teacher_width, student_width), min(teacher_width, student_width)
+    return max([a for a in range(1, 65) if common % a == 0 and narrow // a >= 4] or [1])
 
 
 def check_relation_setup(teacher_cfg, student_cfg, teacher_layer=None, heads=None) -> tuple:
