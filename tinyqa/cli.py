@@ -244,7 +244,10 @@ def distill_parser(stage="prediction", description=""):
                         "states and attention scores, layer by layer; minilmv2: MiniLMv2's, its last layer learns "
                         "one teacher layer's self-attention relations, whatever the two widths and head counts "
                         "(each stage has its defaults and flags: --stage NAME --help)")
-    g.add_argument("--teacher", default=defaults["teacher"], help="teacher: alias, hub id or directory" + note("teacher"))
+    g.add_argument("--teacher", default=defaults["teacher"],
+                   help="teacher: alias, hub id or directory; in the prediction stage it may have another tokenizer "
+                        "than the student (it then reads each window in its own tokens, and its start/end "
+                        "distributions are carried to the student's through character offsets)" + note("teacher"))
     g.add_argument("--student", default=defaults["student"],
                    help="student init: alias, hub id or directory (a base LM gets a fresh QA head)" + note("student"))
     g.add_argument("--student-layers", type=positive_int, default=None, metavar="N",
@@ -260,9 +263,11 @@ def distill_parser(stage="prediction", description=""):
         g.add_argument("--temperature", type=positive_float, default=defaults["temperature"],
                        help="T, softening both softmaxes")
         g.add_argument("--teacher-on-the-fly", action="store_true",
-                       help="run the teacher per batch instead of caching its logits once")
+                       help="run the teacher per batch instead of caching its logits once (a teacher with the "
+                            "student's tokenizer only)")
         g.add_argument("--teacher-cache", default=None,
-                       help="folder of cached teacher logits (default: $TINYQA_CACHE/teacher-logits, else "
+                       help="folder of cached teacher logits, or of the carried probabilities of a teacher with "
+                            "another tokenizer (default: $TINYQA_CACHE/teacher-logits, else "
                             "~/.cache/tinyqa/teacher-logits)")
         g.add_argument("--teacher-batch-size", type=positive_int, default=64, help="windows per teacher forward pass")
     elif stage == "minilmv2":

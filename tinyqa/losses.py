@@ -34,19 +34,24 @@ def span_ce_loss(start_logits, end_logits, start_positions, end_positions, atten
     return (ce_start + ce_end) / 2
 
 
-def kd_loss(student_logits, teacher_logits, attention_mask, temperature):
+def kd_loss(student_logits, teacher, attention_mask, temperature, teacher_probabilities=False):
     """KL(teacher || student) of the temperature-softened position distributions, summed over positions,
-    averaged over the batch (F.kl_div's 'batchmean'). Not yet multiplied by T^2."""
+    averaged over the batch (F.kl_div's 'batchmean'). Not yet multiplied by T^2. teacher: its logits (B, L),
+    or with teacher_probabilities its distribution at T already (a teacher with another tokenizer, whose
+    probabilities were carried to the student's tokens: tinyqa/token_map.py; zero beyond each window)."""
     log_p_student = F.log_softmax(masked(student_logits, attention_mask) / temperature, dim=-1)  # (B, L)
-    log_p_teacher = F.log_softmax(masked(teacher_logits, attention_mask) / temperature, dim=-1)  # (B, L)
+    if teacher_probabilities:  # zeros allowed: they add nothing (F.kl_div takes 0 * log 0 as 0)
+        return F.kl_div(log_p_student, teacher.float(), log_target=False, reduction="batchmean")
+    log_p_teacher = F.log_softmax(masked(teacher, attention_mask) / temperature, dim=-1)  # (B, L)
     return F.kl_div(log_p_student, log_p_teacher, log_target=True, reduction="batchmean")
 
 
 def distillation_loss(student_start, student_end, teacher_start, teacher_end, start_positions, end_positions,
-                      attention_mask, weight=0.75, temperature=1.5):
-    """(total, kd part, ce part): total = weight * T^2 * (KL_start + KL_end) + (1 - weight) * CE."""
-    kd = kd_loss(student_start, teacher_start, attention_mask, temperature) + \
-        kd_loss(student_end, teacher_end, attention_mask, temperature)
+                      attention_mask, weight=0.75, temperature=1.5, teacher_probabilities=False):
+    """(total, kd part, ce part): total = weight * T^2 * (KL_start + KL_end) + (1 - weight) * CE.
+    teacher_start/end: logits, or with teacher_probabilities distributions at T (see kd_loss)."""
+    kd = kd_loss(student_start, teacher_start, attention_mask, temperature, teacher_probabilities) + \
+        kd_loss(student_end, teacher_end, attention_mask, temperature, teacher_probabilities)
     ce = span_ce_loss(student_start, student_end, start_positions, end_positions, attention_mask)
     total = weight * temperature ** 2 * kd + (1 - weight) * ce
     return total, kd, ce

@@ -45,6 +45,7 @@ from .store import default_root as store_root
 from .store import open_store
 from .teacher_cache import default_root as cache_root
 from .teacher_cache import open_cache
+from .token_map import TokenBridge
 from .weights import load_model, load_model_config
 
 # What each stage's loss is made of, logged beside "loss" in log.jsonl.
@@ -265,14 +266,15 @@ def span_objective(model, b, idx):
     return ce, ce[None]
 
 
-def prediction_objective(model, b, idx, teacher_logits, weight, temperature):
+def prediction_objective(model, b, idx, teacher_logits, weight, temperature, probabilities=False):
     """The card's stage: KL to the teacher's start/end distributions at temperature T, plus the span CE.
-    teacher_logits(batch, idx) -> (start, end) (B, L): from the cache, or the teacher run on the batch."""
+    teacher_logits(batch, idx) -> (start, end) (B, L): from the cache, or the teacher run on the batch; with
+    probabilities, the distributions of a teacher with another tokenizer, carried to the student's tokens."""
     out = model(b["input_ids"], b["attention_mask"], b["token_type_ids"])
     t_start, t_end = teacher_logits(b, idx)
     loss, kd, ce = distillation_loss(out.start_logits, out.end_logits, t_start.to(out.start_logits.device),
                                      t_end.to(out.end_logits.device), b["start_positions"], b["end_positions"],
-                                     b["attention_mask"], weight, temperature)
+                                     b["attention_mask"], weight, temperature, probabilities)
     return loss, torch.stack([kd, ce])
 
 
@@ -314,17 +316,28 @@ def make_objective(args, stage, plan, store, amp_dtype, dist, log) -> Objective:
         weights = (args.embedding_loss_weight, args.hidden_loss_weight, args.attention_loss_weight)
         return Objective(partial(intermediate_objective, teacher=teacher, layer_map=plan.layer_map, weights=weights,
                                  clock=clock), LOSS_PARTS[stage], clock)
+    probabilities = False
     if per_batch:
         def teacher_logits(b, idx):
             with torch.no_grad(), clock:
                 out = teacher(b["input_ids"], b["attention_mask"], b["token_type_ids"])
             return out.start_logits, out.end_logits
     else:
+        bridge = None
+        if plan.teacher_tokenizer is not None:  # another tokenizer: its distributions carried to ours
+            fcfg = FeaturizerConfig(args.max_seq_len, args.doc_stride, args.max_question_len)
+            bridge = TokenBridge(plan.tokenizer, plan.teacher_tokenizer, fcfg,
+                                 load_model_config(plan.dirs["teacher"]).max_window_len)
+            log(f"the teacher {args.teacher} has another tokenizer: it reads each window's question and stretch of "
+                "context in its own tokens, and its start/end distributions are carried to the student's")
         cache = open_cache(args.teacher_cache or cache_root(), store, plan.dirs["teacher"], amp_dtype,
-                           args.teacher_batch_size, dist, log, progress=not args.quiet)
+                           args.teacher_batch_size, dist, log, progress=not args.quiet, bridge=bridge,
+                           temperature=args.temperature)
         teacher_logits = lambda b, idx: cache.batch(idx, b["input_ids"].shape[1])  # noqa: E731
+        probabilities = cache.probabilities
     return Objective(partial(prediction_objective, teacher_logits=teacher_logits,
-                             weight=args.distillation_loss_weight, temperature=args.temperature),
+                             weight=args.distillation_loss_weight, temperature=args.temperature,
+                             probabilities=probabilities),
                      LOSS_PARTS[stage], clock)
 
 
