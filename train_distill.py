@@ -1,6 +1,8 @@
 """Prediction-layer distillation of a small QA student from a large teacher (TinyRoBERTa's recipe).
 
-Teacher and student may be RoBERTa, BERT, ELECTRA or DeBERTa-v3 models, of any families that share a tokenizer.
+Teacher and student may be RoBERTa, BERT, ELECTRA or DeBERTa-v3 models of any two families. With different
+tokenizers the teacher reads each window in its own tokens and its distributions are carried to the student's
+(tinyqa/token_map.py); the intermediate and minilmv2 stages compare layers position by position and need a shared one.
 
     python train_distill.py --teacher roberta-large-mrqa                     # the card: MRQA train split
     python train_distill.py --teacher T --student S --train a.jsonl.gz --out runs/distill

@@ -85,6 +85,14 @@ def get_args(argv=None):
     p.add_argument("--student-lr", type=learning_rate, default=6e-4, help="peak lr of both students")
     p.add_argument("--student-batch-size", type=positive_int, default=16, help="windows per optimizer step of both students")
     p.add_argument("--student-grad-accum", type=positive_int, default=2, help="micro-batches per step of both students")
+    p.add_argument("--arms", choices=["layers", "minilmv2", "all"], default="layers",
+                   help="layers: the students started from the teacher's layers (distilled vs span loss only); "
+                        "minilmv2: a narrower student that cannot start from them (the MiniLMv2 stage then the "
+                        "prediction stage vs the prediction stage alone); all: both")
+    p.add_argument("--narrow-size", default="3x256", help="LAYERSxHIDDEN of the minilmv2 arms' student (random init)")
+    p.add_argument("--narrow-heads", type=positive_int, default=4, help="its attention heads (the teacher has 12)")
+    p.add_argument("--relation-epochs", type=positive_int, default=1,
+                   help="epochs of the MiniLMv2 stage; the prediction-only twin gets as many more prediction epochs")
     p.add_argument("--attention-dropout", type=float, default=0.0,
                    help="attention dropout of every model trained here (all-MiniLM-L6-v2's own is 0.1; see above)")
     p.add_argument("--device", default="cpu", help="torch device")
@@ -170,51 +178,101 @@ def main(argv=None):
     heldout = list(read_mrqa(heldout_file))[: args.heldout_limit]
     print(f"split by article: train {counts['train']}, held out {counts['heldout']}"
           + (f" (evaluating {len(heldout)})" if args.heldout_limit else ""))
-    dirs = {k: os.path.join(args.out, k) for k in ("untrained", "teacher", "student-init", "student-distilled",
-                                                   "student-ce")}
-    minilm = args.minilm or minilm_folder(args.out)
-    seconds = {}
+    dirs, seconds = teacher_run(args, train_file, fcfg)
+    if args.arms in ("layers", "all"):
+        layer_students(args, train_file, fcfg, dirs, seconds)
+    if args.arms in ("minilmv2", "all"):
+        narrow_students(args, train_file, fcfg, dirs, seconds)
+    results, summary = evaluate_all(args, dirs, seconds, heldout, fcfg)
+    summary.update(split=counts, total_seconds=time.perf_counter() - t_start)
+    with open(os.path.join(args.out, "results.json"), "w") as f:
+        json.dump({"models": results, "summary": summary}, f, indent=2)
+    report(args, results, summary, heldout)
+    return {"models": results, "summary": summary}
 
-    # --- the untrained head: the base weights with a fresh, seeded QA head, saved so every run starts from it
+
+def teacher_run(args, train_file, fcfg):
+    """The untrained head (the base weights with a fresh, seeded QA head, saved so every run starts from it)
+    and the teacher fine-tuned from it with train_finetune.py's loop. Returns ({name: folder}, {name: s})."""
+    dirs = {k: os.path.join(args.out, k) for k in ("untrained", "teacher")}
+    minilm = args.minilm or minilm_folder(args.out)
     torch.manual_seed(args.seed)
     base = load_model(minilm, verbose=False)
     if args.attention_dropout is not None:  # written into config.json: the teacher and students inherit it
         base.config.attention_probs_dropout_prob = args.attention_dropout
     save_pretrained(base, dirs["untrained"], tokenizer=load_tokenizer(minilm))
     with_window_settings(dirs["untrained"], fcfg)
-
-    # --- the teacher: fine-tuned with train_finetune.py's loop
     t = time.perf_counter()
     print(f"\n== teacher: all-MiniLM-L6-v2 + QA head, span loss, {args.teacher_epochs} epochs, lr {args.teacher_lr}")
     run_training(False, ["--model", dirs["untrained"], *train_flags(args, train_file, dirs["teacher"],
                                                                      args.teacher_epochs, args.teacher_lr,
                                                                      args.batch_size, args.grad_accum)])
-    seconds["teacher"] = time.perf_counter() - t
+    return dirs, {"teacher": time.perf_counter() - t}
 
-    # --- the student's init: the teacher's embeddings, layers k, 2k, ... and QA head
+
+def student_flags(args, train_file, out, epochs):
+    return train_flags(args, train_file, out, epochs, args.student_lr, args.student_batch_size, args.student_grad_accum)
+
+
+def timed(seconds, name, distill, flags):
+    t = time.perf_counter()
+    run_training(distill, flags)
+    seconds[name] = seconds.get(name, 0.0) + time.perf_counter() - t
+
+
+def layer_students(args, train_file, fcfg, dirs, seconds):
+    """The card's kind of student: the teacher's embeddings, layers k, 2k, ... and QA head; then distilled
+    (w 0.75, T 1.5, cached teacher logits) and trained on the span loss only, same init and budget."""
     student, layers = student_from_teacher_layers(load_model(dirs["teacher"], verbose=False), args.student_layers)
+    for k in ("student-init", "student-distilled", "student-ce"):
+        dirs[k] = os.path.join(args.out, k)
     save_pretrained(student, dirs["student-init"], tokenizer=load_tokenizer(dirs["teacher"]))
     with_window_settings(dirs["student-init"], fcfg)
-    print(f"\n== student: {args.student_layers} layers from the teacher's layers {layers}")
-
-    # --- the two students, same init and budget
-    student_flags = train_flags(args, train_file, None, args.student_epochs, args.student_lr,
-                                args.student_batch_size, args.student_grad_accum)
-    t = time.perf_counter()
-    print(f"== student distilled (w 0.75, T 1.5, cached teacher logits), {args.student_epochs} epochs, "
-          f"batch {args.student_batch_size}, lr {args.student_lr}")
-    flags = list(student_flags)
-    flags[flags.index("--out") + 1] = dirs["student-distilled"]
-    run_training(True, ["--teacher", dirs["teacher"], "--student", dirs["student-init"], "--teacher-cache",
-                        os.path.join(args.out, "teacher-logits"), *flags])
-    seconds["student-distilled"] = time.perf_counter() - t
-    t = time.perf_counter()
+    print(f"\n== student: {args.student_layers} layers from the teacher's layers {layers}; distilled (w 0.75, T 1.5, "
+          f"cached teacher logits), {args.student_epochs} epochs, batch {args.student_batch_size}, lr {args.student_lr}")
+    timed(seconds, "student-distilled", True, ["--teacher", dirs["teacher"], "--student", dirs["student-init"],
+                                               "--teacher-cache", os.path.join(args.out, "teacher-logits"),
+                                               *student_flags(args, train_file, dirs["student-distilled"],
+                                                              args.student_epochs)])
     print("== student with the span loss only, the same epochs, batch and lr")
-    flags[flags.index("--out") + 1] = dirs["student-ce"]
-    run_training(False, ["--model", dirs["student-init"], *flags])
-    seconds["student-ce"] = time.perf_counter() - t
+    timed(seconds, "student-ce", False, ["--model", dirs["student-init"],
+                                         *student_flags(args, train_file, dirs["student-ce"], args.student_epochs)])
 
-    # --- evaluate every model on the held-out articles; time teacher and student alternately
+
+def narrow_students(args, train_file, fcfg, dirs, seconds):
+    """A student that cannot start from the teacher's layers (--narrow-size, --narrow-heads: another width
+    and head count, random init): the MiniLMv2 stage for --relation-epochs then the prediction-layer stage
+    for --student-epochs, against the same init given the prediction-layer stage alone for as many epochs
+    in all."""
+    layers, hidden = (int(x) for x in args.narrow_size.lower().split("x"))
+    cfg = json.load(open(os.path.join(dirs["teacher"], "config.json")))
+    cfg.update(num_hidden_layers=layers, hidden_size=hidden, num_attention_heads=args.narrow_heads,
+               intermediate_size=4 * hidden)
+    path = os.path.join(args.out, "narrow-config.json")
+    with open(path, "w") as f:
+        json.dump(cfg, f, indent=2)
+    for k in ("narrow-relations", "narrow-minilmv2", "narrow-prediction"):
+        dirs[k] = os.path.join(args.out, k)
+    teacher = ["--teacher", dirs["teacher"], "--tokenizer", dirs["teacher"]]
+    cache = ["--teacher-cache", os.path.join(args.out, "teacher-logits")]
+    print(f"\n== narrow student {args.narrow_size}, {args.narrow_heads} heads: the minilmv2 stage, "
+          f"{args.relation_epochs} epochs, then the prediction stage, {args.student_epochs}")
+    timed(seconds, "narrow-minilmv2", True, [*teacher, "--stage", "minilmv2", "--init-config", path,
+                                             *student_flags(args, train_file, dirs["narrow-relations"],
+                                                            args.relation_epochs)])
+    timed(seconds, "narrow-minilmv2", True, [*teacher, "--student", dirs["narrow-relations"], *cache,
+                                             *student_flags(args, train_file, dirs["narrow-minilmv2"],
+                                                            args.student_epochs)])
+    print(f"== the same init, the prediction stage alone, {args.relation_epochs + args.student_epochs} epochs")
+    timed(seconds, "narrow-prediction", True, [*teacher, "--init-config", path, *cache,
+                                               *student_flags(args, train_file, dirs["narrow-prediction"],
+                                                              args.relation_epochs + args.student_epochs)])
+    del dirs["narrow-relations"]  # a stage, not a QA model: its QA head is the random one
+
+
+def evaluate_all(args, dirs, seconds, heldout, fcfg):
+    """Every model on the held-out articles (teacher and distilled student timed alternately --rounds more
+    times), and the summary: the distilled students against their span-loss-only and prediction-only twins."""
     results, best_s = {}, {}
     models = {name: load_model(d, device=args.device, verbose=False) for name, d in dirs.items()}
     tokenizer = load_tokenizer(dirs["teacher"])
@@ -223,31 +281,37 @@ def main(argv=None):
         results[name] = {"parameters": model.num_params(), "exact_match": m["exact_match"], "f1": m["f1"],
                          "train_seconds": seconds.get(name, 0.0)}
         best_s[name] = s
+    timed_pair = [n for n in ("teacher", "student-distilled") if n in models]
     for _ in range(args.rounds):  # teacher and distilled student timed side by side: the speed-up
-        for name in ("teacher", "student-distilled"):
+        for name in timed_pair:
             best_s[name] = min(best_s[name], evaluate(models[name], tokenizer, heldout, fcfg, args.device)[1])
     for name in results:
         results[name]["questions_per_s"] = len(heldout) / best_s[name]
-    t, d, c = results["teacher"], results["student-distilled"], results["student-ce"]
-    summary = {"heldout_questions": len(heldout), "split": counts,
-               "student_f1_share_of_teacher": d["f1"] / t["f1"] if t["f1"] else 0.0,
-               "speedup": d["questions_per_s"] / t["questions_per_s"],
-               "distilled_minus_ce_f1": d["f1"] - c["f1"], "distilled_minus_ce_em": d["exact_match"] - c["exact_match"],
-               "total_seconds": time.perf_counter() - t_start, "threads": torch.get_num_threads(),
+    t = results["teacher"]
+    summary = {"heldout_questions": len(heldout), "threads": torch.get_num_threads(),
                "settings": {k: v for k, v in vars(args).items() if k not in ("quiet",)}}
-    with open(os.path.join(args.out, "results.json"), "w") as f:
-        json.dump({"models": results, "summary": summary}, f, indent=2)
+    for a, b in (("student-distilled", "student-ce"), ("narrow-minilmv2", "narrow-prediction")):
+        if a in results:
+            d, c = results[a], results[b]
+            summary[f"{a}_f1_share_of_teacher"] = d["f1"] / t["f1"] if t["f1"] else 0.0
+            summary[f"{a}_speedup"] = d["questions_per_s"] / t["questions_per_s"]
+            summary[f"{a}_minus_{b}"] = {"f1": d["f1"] - c["f1"], "exact_match": d["exact_match"] - c["exact_match"]}
+    return results, summary
 
+
+def report(args, results, summary, heldout):
     print(f"\nheld-out articles: {len(heldout)} questions; windows {args.max_seq_len}/{args.doc_stride}; "
           f"{args.device}, {torch.get_num_threads()} threads")
     print(f"{'model':<20}{'parameters':>12}{'EM':>8}{'F1':>8}{'questions/s':>13}{'train s':>9}")
     for name, r in results.items():
         print(f"{name:<20}{r['parameters']:>12,}{r['exact_match']:>8.2f}{r['f1']:>8.2f}{r['questions_per_s']:>13.1f}"
               f"{r['train_seconds']:>9.0f}")
-    print(f"\ndistilled student: {100 * summary['student_f1_share_of_teacher']:.1f}% of the teacher's F1 at "
-          f"{summary['speedup']:.2f}x its questions/s; distilled - CE-only: F1 {summary['distilled_minus_ce_f1']:+.2f}, "
-          f"EM {summary['distilled_minus_ce_em']:+.2f}; total {summary['total_seconds'] / 60:.1f} min")
-    return {"models": results, "summary": summary}
+    for a, b in (("student-distilled", "student-ce"), ("narrow-minilmv2", "narrow-prediction")):
+        if a in results:
+            g = summary[f"{a}_minus_{b}"]
+            print(f"{a}: {100 * summary[f'{a}_f1_share_of_teacher']:.1f}% of the teacher's F1 at "
+                  f"{summary[f'{a}_speedup']:.2f}x its questions/s; minus {b}: F1 {g['f1']:+.2f}, EM {g['exact_match']:+.2f}")
+    print(f"total {summary['total_seconds'] / 60:.1f} min")
 
 
 if __name__ == "__main__":

@@ -30,6 +30,7 @@ from tinyqa.examples import Example
 from tinyqa.mrqa import read_mrqa
 from tinyqa.tokenizer import save_tokenizer
 from tinyqa.catalog import ALIASES, CARD_FAMILY
+from tinyqa.synthetic import train_wordpiece
 from tinyqa.weights import _our_to_hf
 
 transformers = pytest.importorskip("transformers")
@@ -48,17 +49,6 @@ def _bert_template(tok):
         single="[CLS]:0 $A:0 [SEP]:0", pair="[CLS]:0 $A:0 [SEP]:0 $B:1 [SEP]:1",
         special_tokens=[("[CLS]", tok.token_to_id("[CLS]")), ("[SEP]", tok.token_to_id("[SEP]"))])
     return tok
-
-
-def train_wordpiece(texts, vocab_size=4000) -> Tokenizer:
-    """An uncased BERT WordPiece ([PAD] 0, as BERT's) trained on texts, built as BertConverter builds one."""
-    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
-    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
-    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    tok.decoder = decoders.WordPiece()
-    tok.train_from_iterator(texts, trainers.WordPieceTrainer(
-        vocab_size=vocab_size, special_tokens=["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"], show_progress=False))
-    return _bert_template(tok)
 
 
 def train_unigram(texts, vocab_size=3000) -> Tokenizer:

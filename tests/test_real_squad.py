@@ -56,7 +56,8 @@ def test_real_minilm_learns_held_out_articles(squad, tmp_path):
     r = _bench().main(["--data", str(squad), "--out", str(out), "--train-limit", "640", "--heldout-limit", "150",
                        "--max-seq-len", "128", "--doc-stride", "32", "--batch-size", "16", "--grad-accum", "1",
                        "--teacher-lr", "5e-4", "--student-batch-size", "16", "--student-grad-accum", "1",
-                       "--student-lr", "5e-4", "--student-layers", "1", "--rounds", "0", "--quiet"])
+                       "--student-lr", "5e-4", "--student-layers", "1", "--rounds", "0", "--quiet",
+                       "--arms", "all", "--narrow-size", "1x96", "--narrow-heads", "3"])
     m = r["models"]
     log = [json.loads(line)["loss"] for line in (out / "teacher" / "log.jsonl").read_text().splitlines()]
     assert len(log) >= 60 and sum(log[-5:]) / 5 < sum(log[:5]) / 5 - 1.0, log  # from ln(128) ~ 4.9 at the start
@@ -65,11 +66,17 @@ def test_real_minilm_learns_held_out_articles(squad, tmp_path):
     # held-out articles: the fine-tuned head answers well above the untrained one (which never matches exactly)
     assert teacher["f1"] >= 1.5 * untrained["f1"] and teacher["f1"] >= untrained["f1"] + 4, (teacher, untrained)
     assert teacher["exact_match"] >= untrained["exact_match"] + 4, (teacher, untrained)
-    for name in ("untrained", "teacher", "student-distilled", "student-ce"):
+    for name in ("untrained", "teacher", "student-distilled", "student-ce", "narrow-minilmv2", "narrow-prediction"):
         assert 0 <= m[name]["f1"] <= 100 and m[name]["questions_per_s"] > 0, (name, m[name])
     # all-MiniLM-L6-v2's 22,713,216 less its pooler (147,840, unused by QA) plus a 384 x 2 QA head: the card's
     # count for its 6 x 384 BERT row, MiniLMv2-L6-H384-from-BERT-Large
     assert m["teacher"]["parameters"] == 22_566_146
     assert m["student-init"]["parameters"] < m["teacher"]["parameters"]
+    # the minilmv2 arms: a student of another width and head count, the relation stage then the prediction stage
+    narrow = json.loads((out / "narrow-minilmv2" / "config.json").read_text())
+    assert (narrow["hidden_size"], narrow["num_attention_heads"], narrow["num_hidden_layers"]) == (96, 3, 1)
+    rows = [json.loads(line) for line in (out / "narrow-relations" / "log.jsonl").read_text().splitlines()]
+    assert {"qq_loss", "kk_loss", "vv_loss"} <= rows[0].keys()
+    assert m["narrow-minilmv2"]["parameters"] == m["narrow-prediction"]["parameters"] < m["student-init"]["parameters"]
     saved = json.loads((out / "results.json").read_text())
     assert saved["summary"]["heldout_questions"] == 150 and set(saved["models"]) == set(m)

@@ -34,7 +34,7 @@ def data(tmp_path_factory):
     write_mrqa(d / "train.jsonl.gz", rows)
     texts = [r["context"] for r in rows] + [q["question"] for r in rows for q in r["qas"]]
     save_tokenizer(train_tokenizer(texts, 800), d / "bpe")
-    from test_family import train_wordpiece
+    from tinyqa.synthetic import train_wordpiece
     save_tokenizer(train_wordpiece(texts, 800), d / "wordpiece")
     return d
 

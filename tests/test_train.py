@@ -271,16 +271,6 @@ def test_two_runs_computing_the_same_cache_do_not_break_each_other(synth, teache
     assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
 
 
-def test_teacher_with_another_tokenizer_is_refused(synth, teacher, tmp_path):
-    other = tmp_path / "other"
-    other.mkdir()
-    tok = train_tokenizer(["completely different text for another vocabulary"] * 50, 300)
-    save_tokenizer(tok, other)
-    args = distill_args(synth, tmp_path / "x", teacher, "--init-config", synth["student_cfg"], "--tokenizer", str(other))
-    with pytest.raises(TinyQAError, match="do not share a tokenizer"):
-        train(args)
-
-
 def test_ddp_two_processes_match_one(synth, tmp_path):
     """torchrun --nproc-per-node 2 (gloo, CPU) ends with the weights of one process at the same global batch."""
     base = [str(ROOT / "train_finetune.py"), *common(synth, tmp_path / "x"), "--init-config", synth["student_cfg"],

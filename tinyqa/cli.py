@@ -104,7 +104,13 @@ FINETUNE_CARD = dict(
     warmup_proportion=0.2,
     out="runs/finetune",
 )
-STAGES = {"prediction": DISTILL_CARD, "intermediate": {**DISTILL_CARD, **INTERMEDIATE_DEFAULTS}}
+# `--stage minilmv2` (MiniLMv2's relation distillation, Wang et al. 2021): a student that cannot start from the
+# teacher's layers (another width or head count) learns the teacher's self-attention relations; the card's
+# roberta-large-mrqa teaching deepset's 6 x 768 general-distilled student, then the prediction-layer stage.
+# The optimisation is the intermediate stage's (both learn the teacher's inner workings on the task data).
+MINILMV2_DEFAULTS = dict(INTERMEDIATE_DEFAULTS, teacher="roberta-large-mrqa", out="runs/minilmv2")
+STAGES = {"prediction": DISTILL_CARD, "intermediate": {**DISTILL_CARD, **INTERMEDIATE_DEFAULTS},
+          "minilmv2": {**DISTILL_CARD, **MINILMV2_DEFAULTS}}
 
 
 # --- groups of flags
@@ -229,15 +235,22 @@ def distill_parser(stage="prediction", description=""):
     """train_distill.py's flags for one stage, with that stage's defaults (`--stage intermediate --help`
     shows them); each stage has only the flags it reads."""
     defaults = STAGES[stage]
-    other = "intermediate" if stage == "prediction" else "prediction"
-    note = lambda k: f" (--stage {other}: {STAGES[other][k]})" if STAGES[other][k] != defaults[k] else ""
+
+    def note(k):  # the other stages' defaults where they differ from this one's
+        other = [f"--stage {s}: {d[k]}" for s, d in STAGES.items() if s != stage and d[k] != defaults[k]]
+        return f" ({'; '.join(other)})" if other else ""
     p, _ = _training_parser(description)
     g = p.add_argument_group("model")
     g.add_argument("--stage", choices=list(STAGES), default="prediction",
                    help="prediction: the card's stage, the student learns the teacher's start/end logits; "
                         "intermediate: TinyBERT's first stage, it learns the teacher's embeddings, hidden "
-                        "states and attention scores (other defaults; its flags: --stage intermediate --help)")
-    g.add_argument("--teacher", default=defaults["teacher"], help="teacher: alias, hub id or directory" + note("teacher"))
+                        "states and attention scores, layer by layer; minilmv2: MiniLMv2's, its last layer learns "
+                        "one teacher layer's self-attention relations, whatever the two widths and head counts "
+                        "(each stage has its defaults and flags: --stage NAME --help)")
+    g.add_argument("--teacher", default=defaults["teacher"],
+                   help="teacher: alias, hub id or directory; in the prediction stage it may have another tokenizer "
+                        "than the student (it then reads each window in its own tokens, and its start/end "
+                        "distributions are carried to the student's through character offsets)" + note("teacher"))
     g.add_argument("--student", default=defaults["student"],
                    help="student init: alias, hub id or directory (a base LM gets a fresh QA head)" + note("student"))
     g.add_argument("--student-layers", type=positive_int, default=None, metavar="N",
@@ -253,11 +266,21 @@ def distill_parser(stage="prediction", description=""):
         g.add_argument("--temperature", type=positive_float, default=defaults["temperature"],
                        help="T, softening both softmaxes")
         g.add_argument("--teacher-on-the-fly", action="store_true",
-                       help="run the teacher per batch instead of caching its logits once")
+                       help="run the teacher per batch instead of caching its logits once (a teacher with the "
+                            "student's tokenizer only)")
         g.add_argument("--teacher-cache", default=None,
-                       help="folder of cached teacher logits (default: $TINYQA_CACHE/teacher-logits, else "
+                       help="folder of cached teacher logits, or of the carried probabilities of a teacher with "
+                            "another tokenizer (default: $TINYQA_CACHE/teacher-logits, else "
                             "~/.cache/tinyqa/teacher-logits)")
         g.add_argument("--teacher-batch-size", type=positive_int, default=64, help="windows per teacher forward pass")
+    elif stage == "minilmv2":
+        g = p.add_argument_group("minilmv2 stage (loss = KL of the query-query, key-key and value-value relations)")
+        g.add_argument("--teacher-layer", type=positive_int, default=None, metavar="L",
+                       help="the 1-based teacher layer whose relations the student's last layer learns (default: "
+                            "the last, or for teachers of 24 layers or more 7/8 of the depth: 21 of 24)")
+        g.add_argument("--relation-heads", type=positive_int, default=None, metavar="A",
+                       help="relation heads the queries, keys and values are regrouped into, for both models "
+                            "(default: the most, up to 64, that divide both widths into heads of 4 features or more)")
     else:
         g = p.add_argument_group("intermediate stage (TinyBERT; loss = e * L_embedding + h * sum L_hidden + "
                                  "a * sum L_attention over the mapped layers)")
@@ -289,13 +312,14 @@ def distill_args(argv=None, description=""):
     stage = _stage_named(argv)
     p = distill_parser(stage, description)
     args, rest = p.parse_known_args(argv)
-    if rest:
-        other_stage = "intermediate" if stage == "prediction" else "prediction"
+    for other_stage in (s for s in STAGES if s != stage and rest):
         other = distill_parser(other_stage)._option_string_actions
         foreign = [t.split("=", 1)[0] for t in rest if t.split("=", 1)[0] in other]
         if foreign:
-            raise TinyQAError(f"{foreign[0]} is read by --stage {other_stage} only, and this run is --stage {stage}: "
-                              "drop it, or change --stage")
+            readers = [s for s in STAGES if foreign[0] in distill_parser(s)._option_string_actions]
+            raise TinyQAError(f"{foreign[0]} is read by --stage {' and '.join(readers)} only, and this run is --stage "
+                              f"{stage}: drop it, or change --stage")
+    if rest:
         p.error(f"unrecognized arguments: {' '.join(rest)}")
     args.given, args.distill = given_flags(p, argv), True
     if args.student_layers and ("student" in args.given or args.init_config):

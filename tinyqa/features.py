@@ -273,7 +273,7 @@ def featurize(examples, tokenizer, cfg: FeaturizerConfig = FeaturizerConfig(), w
     enc = encoded if encoded is not None else encode(examples, tokenizer, words=with_offsets)
     table = cut_windows(examples, enc, layout, cfg, with_labels)
     if with_offsets:  # what decoding needs
-        ctx_off = [_offsets(text, e) for text, e in zip(enc.contexts, enc.context_encodings)]
+        ctx_off = [token_offsets(text, e) for text, e in zip(enc.contexts, enc.context_encodings)]
         ctx_words = [np.asarray([-1 if w is None else w for w in e.word_ids], dtype=np.int32)
                      for e in enc.context_encodings]
     n_after = len(layout.after)
@@ -293,7 +293,7 @@ def featurize(examples, tokenizer, cfg: FeaturizerConfig = FeaturizerConfig(), w
     return features
 
 
-def _offsets(text: str, encoding) -> np.ndarray:
+def token_offsets(text: str, encoding) -> np.ndarray:
     """The encoding's (L, 2) char offsets, trimmed. (fromiter over the flattened pairs: faster than
     np.asarray of the list of tuples, which the tokenizers getter builds a Python tuple per token for.)"""
     flat = np.fromiter(chain.from_iterable(encoding.offsets), np.int32, 2 * len(encoding))
@@ -356,7 +356,7 @@ def _span_tokens(offsets: np.ndarray, span):
 
 
 def _span_tokens_of(text: str, encoding, span):
-    """_span_tokens(_offsets(text, encoding), span) from three lookups in the tokenizer's own (Rust) offsets
+    """_span_tokens(token_offsets(text, encoding), span) from three lookups in the tokenizer's own (Rust) offsets
     instead of a Python tuple per context token: the labels of training's windows, which need no offsets.
     char_to_token gives the FIRST token holding a character. For the span's last character that is `last`;
     for its first character it is `first` unless the next token holds that character too (byte-level BPE
@@ -368,7 +368,7 @@ def _span_tokens_of(text: str, encoding, span):
     if first is not None and last is not None and (first + 1 == len(encoding) or
                                                    encoding.token_to_chars(first + 1)[0] > a):
         return first, last
-    return _span_tokens(_offsets(text, encoding), span)
+    return _span_tokens(token_offsets(text, encoding), span)
 
 
 def _byte_level_span_tokens(enc: Encoded, ids, n_ctx, context_of, spans):

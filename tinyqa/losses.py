@@ -34,19 +34,24 @@ def span_ce_loss(start_logits, end_logits, start_positions, end_positions, atten
     return (ce_start + ce_end) / 2
 
 
-def kd_loss(student_logits, teacher_logits, attention_mask, temperature):
+def kd_loss(student_logits, teacher, attention_mask, temperature, teacher_probabilities=False):
     """KL(teacher || student) of the temperature-softened position distributions, summed over positions,
-    averaged over the batch (F.kl_div's 'batchmean'). Not yet multiplied by T^2."""
+    averaged over the batch (F.kl_div's 'batchmean'). Not yet multiplied by T^2. teacher: its logits (B, L),
+    or with teacher_probabilities its distribution at T already (a teacher with another tokenizer, whose
+    probabilities were carried to the student's tokens: tinyqa/token_map.py; zero beyond each window)."""
     log_p_student = F.log_softmax(masked(student_logits, attention_mask) / temperature, dim=-1)  # (B, L)
-    log_p_teacher = F.log_softmax(masked(teacher_logits, attention_mask) / temperature, dim=-1)  # (B, L)
+    if teacher_probabilities:  # zeros allowed: they add nothing (F.kl_div takes 0 * log 0 as 0)
+        return F.kl_div(log_p_student, teacher.float(), log_target=False, reduction="batchmean")
+    log_p_teacher = F.log_softmax(masked(teacher, attention_mask) / temperature, dim=-1)  # (B, L)
     return F.kl_div(log_p_student, log_p_teacher, log_target=True, reduction="batchmean")
 
 
 def distillation_loss(student_start, student_end, teacher_start, teacher_end, start_positions, end_positions,
-                      attention_mask, weight=0.75, temperature=1.5):
-    """(total, kd part, ce part): total = weight * T^2 * (KL_start + KL_end) + (1 - weight) * CE."""
-    kd = kd_loss(student_start, teacher_start, attention_mask, temperature) + \
-        kd_loss(student_end, teacher_end, attention_mask, temperature)
+                      attention_mask, weight=0.75, temperature=1.5, teacher_probabilities=False):
+    """(total, kd part, ce part): total = weight * T^2 * (KL_start + KL_end) + (1 - weight) * CE.
+    teacher_start/end: logits, or with teacher_probabilities distributions at T (see kd_loss)."""
+    kd = kd_loss(student_start, teacher_start, attention_mask, temperature, teacher_probabilities) + \
+        kd_loss(student_end, teacher_end, attention_mask, temperature, teacher_probabilities)
     ce = span_ce_loss(student_start, student_end, start_positions, end_positions, attention_mask)
     total = weight * temperature ** 2 * kd + (1 - weight) * ce
     return total, kd, ce
@@ -94,3 +99,39 @@ def intermediate_loss(student_hidden, teacher_hidden, student_scores, teacher_sc
     att = sum(attention_mse(s, t, attention_mask) for s, t in zip(student_scores, teacher_scores))
     total = weights[0] * emb + weights[1] * hid + weights[2] * att
     return total, emb, hid, att
+
+
+# --- multi-head self-attention relation distillation (Wang et al. 2021, "MiniLMv2", section 3)
+#
+# A layer's queries (likewise keys, values) of all attention heads, (B, L, H), are regrouped into A relation
+# heads of H / A features each; teacher and student use the same A, so their widths and attention-head counts
+# may differ. The query-query relation of head a is, for every query token t, the distribution
+# softmax(Q_a Q_a^T / sqrt(H / A)) over the tokens; the student learns the teacher's by KL(teacher || student),
+# averaged over relation heads and the window's real tokens (padded keys are left out of every softmax,
+# padded queries out of the average), then over windows. The loss is the sum of the QQ, KK and VV terms.
+
+def relations(x, attention_mask, heads):
+    """log softmax(x_a x_a^T / sqrt(d_r)) per relation head a: (B, L, H) -> (B, A, L, L), padded keys at -inf
+    in effect (probability 0)."""
+    B, L, H = x.shape
+    d = H // heads
+    x = x.float().view(B, L, heads, d).transpose(1, 2)  # (B, L, H) -> (B, L, A, d_r) -> (B, A, L, d_r)
+    scores = x @ x.transpose(-1, -2) / d ** 0.5  # (B, A, L, L)
+    keys = attention_mask.bool()[:, None, None, :]  # (B, 1, 1, L)
+    return F.log_softmax(scores.masked_fill(~keys, _MASKED), dim=-1)
+
+
+def relation_kl(teacher, student, attention_mask, heads):
+    """Mean over windows of KL(teacher relation || student relation), summed over keys, averaged over the
+    relation heads and the window's real query tokens. teacher (B, L, H_t), student (B, L, H_s)."""
+    log_t, log_s = relations(teacher, attention_mask, heads), relations(student, attention_mask, heads)
+    kl = (log_t.exp() * (log_t - log_s)).sum(dim=-1)  # (B, A, L): one KL per relation head and query token
+    real = attention_mask.float()  # (B, L)
+    per_window = (kl.mean(dim=1) * real).sum(dim=1) / real.sum(dim=1)  # (B,)
+    return per_window.mean()
+
+
+def minilm_loss(teacher_qkv, student_qkv, attention_mask, heads):
+    """(total, QQ part, KK part, VV part): the relation KL of queries, keys and values, summed."""
+    parts = [relation_kl(t, s, attention_mask, heads) for t, s in zip(teacher_qkv, student_qkv)]
+    return sum(parts), *parts

@@ -3,7 +3,8 @@ tokenizer against the windows and each other, then the model to train, built.
 
 So a mistake costs seconds, not a teacher pass over 516k questions: files, device, --out and the window
 settings first; then the trained model's and the teacher's positions, vocabularies, pad ids and token types
-against the tokenizer; in the intermediate stage the layer map.
+against the tokenizer (the teacher's own, when it has another); in the intermediate stage the layer map, in
+the minilmv2 stage the teacher layer and the relation heads.
 """
 import os
 from dataclasses import replace
@@ -15,6 +16,7 @@ from .cli import FINETUNE_CARD
 from .errors import TinyQAError
 from .features import check_model_fits, pair_layout
 from .intermediate import check_layer_map, student_from_teacher_layers, uniform_layer_map
+from .minilm import check_relation_setup
 from .model import EncoderConfig, EncoderForQA
 from .runs import check_fresh_out
 from .tokenizer import load_tokenizer, tokenizer_fingerprint
@@ -23,11 +25,14 @@ from .weights import load_model, load_model_config, read_config
 
 class Plan(NamedTuple):
     """What the checks found: local folders of the init weights, tokenizer and teacher, the trained model's
-    config, the tokenizer, and the intermediate stage's layer map."""
+    config, the tokenizer, the intermediate stage's layer map, the minilmv2 stage's (teacher layer, relation
+    heads), and the teacher's own tokenizer where it differs from the student's (prediction stage)."""
     dirs: dict
     config: EncoderConfig
     tokenizer: object
-    layer_map: Optional[list]
+    layer_map: Optional[list] = None
+    relation: Optional[tuple] = None
+    teacher_tokenizer: object = None
 
 
 def stage_of(args) -> str:
@@ -36,8 +41,15 @@ def stage_of(args) -> str:
 
 def preflight(args) -> Plan:
     dirs = check_run(args)
-    config, tokenizer, layer_map = check_models(args, dirs)
-    return Plan(dirs, config, tokenizer, layer_map)
+    config, tokenizer, teacher_tokenizer = check_models(args, dirs)
+    stage = stage_of(args)
+    if stage in ("intermediate", "minilmv2"):
+        teacher_cfg = load_model_config(dirs["teacher"])
+        if stage == "intermediate":
+            return Plan(dirs, config, tokenizer, layer_map=check_layer_map(teacher_cfg, config, args.layer_map))
+        return Plan(dirs, config, tokenizer,
+                    relation=check_relation_setup(teacher_cfg, config, args.teacher_layer, args.relation_heads))
+    return Plan(dirs, config, tokenizer, teacher_tokenizer=teacher_tokenizer)
 
 
 def check_run(args) -> dict:
@@ -79,7 +91,7 @@ def check_run(args) -> dict:
 
 def check_models(args, dirs):
     """The trained model's config and tokenizer, checked against the windows and each other (and the
-    teacher); in the intermediate stage also the layer map. Returns (config, tokenizer, layer map or None)."""
+    teacher). Returns (config, tokenizer, the teacher's tokenizer where it is another one, else None)."""
     teacher_cfg = load_model_config(dirs["teacher"]) if args.distill else None
     if dirs["init"]:
         cfg = load_model_config(dirs["init"])
@@ -92,17 +104,27 @@ def check_models(args, dirs):
     # now that the tokenizer says how many special tokens a window has: the exact room for context
     check_featurizer(args.max_seq_len, args.doc_stride, args.max_question_len, pair_layout(tokenizer).n_special)
     check_model_fits(cfg, tokenizer, args.max_seq_len, "the trained model")  # window, vocabulary, pad id, types
-    layer_map = None
-    if args.distill:
-        # Teacher and student may be of different families (BERT -> ELECTRA, ...) as long as they share a tokenizer.
+    if not args.distill:
+        return cfg, tokenizer, None
+    # Teacher and student may be of different families (BERT -> ELECTRA, ...); with a shared tokenizer the
+    # teacher reads the student's very windows, else (prediction stage) its own tokens of the same text.
+    teacher_tokenizer = load_tokenizer(dirs["teacher"])
+    if tokenizer_fingerprint(teacher_tokenizer) == tokenizer_fingerprint(tokenizer):
         check_model_fits(teacher_cfg, tokenizer, args.max_seq_len, f"the teacher {args.teacher}")
-        if tokenizer_fingerprint(load_tokenizer(dirs["teacher"])) != tokenizer_fingerprint(tokenizer):
-            init = args.tokenizer or args.student
-            raise TinyQAError(f"teacher {args.teacher} and student {init} do not share a tokenizer: distillation "
-                              "compares logits position by position, so both must tokenize identically")
-        if stage_of(args) == "intermediate":
-            layer_map = check_layer_map(teacher_cfg, cfg, args.layer_map)
-    return cfg, tokenizer, layer_map
+        return cfg, tokenizer, None
+    init = args.tokenizer or args.student
+    stage = stage_of(args)
+    if stage != "prediction":
+        raise TinyQAError(f"teacher {args.teacher} and student {init} do not share a tokenizer: the {stage} stage "
+                          "compares their layers position by position, so both must tokenize identically (the "
+                          "prediction-layer stage, --stage prediction, distils across tokenizers)")
+    if args.teacher_on_the_fly:
+        raise TinyQAError(f"--teacher-on-the-fly: teacher {args.teacher} and student {init} do not share a "
+                          "tokenizer, so the teacher reads its own windows of each question, computed once into the "
+                          "teacher cache: leave out --teacher-on-the-fly")
+    # the teacher reads up to all its positions: a stretch of context may take it more tokens than the student
+    check_model_fits(teacher_cfg, teacher_tokenizer, teacher_cfg.max_window_len, f"the teacher {args.teacher}")
+    return cfg, tokenizer, teacher_tokenizer
 
 
 def build_model(args, plan: Plan, verbose=True):

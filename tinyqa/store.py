@@ -74,6 +74,7 @@ def open_store(root, files, tokenizer, fcfg, limit=None, skip_bad=False, log=pri
     else:
         log(f"training windows: reusing {folder}")
     store = FeatureStore(folder, pair_layout(tokenizer))
+    store.source = (files, limit, skip_bad)  # what usable_chunks re-reads its questions from
     if vocab_size is not None and store.info["max_id"] >= vocab_size:
         raise TinyQAError(f"{folder}: the feature store holds token id {store.info['max_id']} but the model has "
                           f"{vocab_size} embeddings: not this model's store; delete the folder to rebuild it")
@@ -108,10 +109,8 @@ def build(files, tokenizer, fcfg, limit, skip_bad, folder, info, log=print, prog
                 n["examples"] += len(examples)
                 bar.update(len(table))
 
-            examples = (ex for _, ex in stream_files(files, limit, skip_bad, report, flag="--train"))
             pending = None  # the previous chunk, whose tokenization runs while this one is read
-            for chunk in chunks(examples, CHUNK_QUESTIONS):
-                keep = _usable(chunk, n, left_out)
+            for keep in usable_chunks(files, limit, skip_bad, report, n, left_out):
                 # encode_batch releases the GIL: chunk i + 1 is tokenized (in Rust, on the other core) while
                 # chunk i is cut into windows and written here, and chunk i + 2 read and checked.
                 current = (keep, tokenizing.submit(encode, keep, tokenizer, words=False))
@@ -137,6 +136,17 @@ def build(files, tokenizer, fcfg, limit, skip_bad, folder, info, log=print, prog
                     digests={name: digest(os.path.join(tmp, name)) for name in ("ids.bin", "offsets.npy", "windows.npy")})
         with open(os.path.join(tmp, "key.json"), "w") as f:
             json.dump(info, f, indent=2)
+
+
+def usable_chunks(files, limit, skip_bad, report, n=None, left_out=None):
+    """The training questions the store's windows are made of, in the store's order, a chunk at a time:
+    what `build` featurizes, and what the teacher cache re-reads when the teacher has another tokenizer
+    (tinyqa/teacher_cache.py). Those left out are counted in n and left_out (see _usable)."""
+    n = {"no_span": 0, "bad_span": 0} if n is None else n
+    left_out = {"no_span": [], "bad_span": []} if left_out is None else left_out
+    examples = (ex for _, ex in stream_files(files, limit, skip_bad, report, flag="--train"))
+    for chunk in chunks(examples, CHUNK_QUESTIONS):
+        yield _usable(chunk, n, left_out)
 
 
 def _usable(chunk, n, left_out):

@@ -6,7 +6,7 @@ Notable:
   loss is weighted by its share of the global batch, so 1 GPU x 4 accumulation steps and 4 GPUs x 1
   optimise the same thing;
 - what a step optimises is one plain function per stage (`span_objective`, `prediction_objective`,
-  `intermediate_objective`); the losses themselves are tinyqa/losses.py's;
+  `intermediate_objective`, `minilmv2_objective`); the losses themselves are tinyqa/losses.py's;
 - AdamW (no decay on biases and LayerNorm), clipping at 1.0, LinearWarmup through LambdaLR;
 - the training windows come from the on-disk feature store (tinyqa/store.py), the teacher's logits from
   its cache beside it (tinyqa/teacher_cache.py), or from the teacher per batch (--teacher-on-the-fly);
@@ -36,7 +36,8 @@ from .catalog import quiet_downloads, split_files
 from .errors import TinyQAError
 from .features import FeaturizerConfig
 from .intermediate import ProjectedStudent, teacher_targets
-from .losses import distillation_loss, intermediate_loss, span_ce_loss
+from .losses import distillation_loss, intermediate_loss, minilm_loss, span_ce_loss
+from .minilm import RelationStudent, capture_qkv
 from .preflight import build_model, preflight, stage_of
 from .runs import (RunLog, StopSignal, auto_resume, check_same_start, clear_run, kill_hook_for_tests,
                    load_training_state, prune_checkpoints, restart_log, resume_args, rng_states, save_checkpoint,
@@ -45,11 +46,13 @@ from .store import default_root as store_root
 from .store import open_store
 from .teacher_cache import default_root as cache_root
 from .teacher_cache import open_cache
+from .token_map import TokenBridge
 from .weights import load_model, load_model_config
 
 # What each stage's loss is made of, logged beside "loss" in log.jsonl.
 LOSS_PARTS = {"finetune": ("ce_loss",), "prediction": ("kd_loss", "ce_loss"),
-              "intermediate": ("embedding_loss", "hidden_loss", "attention_loss")}
+              "intermediate": ("embedding_loss", "hidden_loss", "attention_loss"),
+              "minilmv2": ("qq_loss", "kk_loss", "vv_loss")}
 
 
 class Optim(NamedTuple):
@@ -101,6 +104,8 @@ def train(args):
         # without a gradient for DDP to wait on. The prediction-layer stage trains it.
         model.qa_outputs.requires_grad_(False)
         trained = ProjectedStudent(model, load_model_config(plan.dirs["teacher"]).hidden_size).to(dist.device)
+    elif stage == "minilmv2":  # the student's last layer gives its queries, keys and values
+        trained = RelationStudent(model)
 
     # --- data: featurized once into the on-disk store (the first process builds it, all read it)
     train_files = args.train or split_files("train", progress=dist.master and not args.quiet, flag="--train")
@@ -267,14 +272,15 @@ def span_objective(model, b, idx):
     return ce, ce[None]
 
 
-def prediction_objective(model, b, idx, teacher_logits, weight, temperature):
+def prediction_objective(model, b, idx, teacher_logits, weight, temperature, probabilities=False):
     """The card's stage: KL to the teacher's start/end distributions at temperature T, plus the span CE.
-    teacher_logits(batch, idx) -> (start, end) (B, L): from the cache, or the teacher run on the batch."""
+    teacher_logits(batch, idx) -> (start, end) (B, L): from the cache, or the teacher run on the batch; with
+    probabilities, the distributions of a teacher with another tokenizer, carried to the student's tokens."""
     out = model(b["input_ids"], b["attention_mask"], b["token_type_ids"])
     t_start, t_end = teacher_logits(b, idx)
     loss, kd, ce = distillation_loss(out.start_logits, out.end_logits, t_start.to(out.start_logits.device),
                                      t_end.to(out.end_logits.device), b["start_positions"], b["end_positions"],
-                                     b["attention_mask"], weight, temperature)
+                                     b["attention_mask"], weight, temperature, probabilities)
     return loss, torch.stack([kd, ce])
 
 
@@ -289,29 +295,55 @@ def intermediate_objective(model, b, idx, teacher, layer_map, weights, clock):
     return loss, torch.stack([emb, hid, att])
 
 
+def minilmv2_objective(model, b, idx, teacher, teacher_layer, heads, clock):
+    """MiniLMv2's stage: the student's last layer learns one teacher layer's query-query, key-key and
+    value-value relations. model: the RelationStudent (inside DDP), giving its last layer's (q, k, v)."""
+    with clock, torch.no_grad(), capture_qkv(teacher, teacher_layer) as t_qkv:
+        teacher(b["input_ids"], b["attention_mask"], b["token_type_ids"])
+    s_qkv = model(b["input_ids"], b["attention_mask"], b["token_type_ids"])
+    loss, qq, kk, vv = minilm_loss(t_qkv, s_qkv, b["attention_mask"], heads)
+    return loss, torch.stack([qq, kk, vv])
+
+
 def make_objective(args, stage, plan, store, amp_dtype, dist, log) -> Objective:
     """The stage's objective with what it needs bound: the teacher (per batch) or its cached logits."""
-    per_batch = stage == "intermediate" or getattr(args, "teacher_on_the_fly", False)
+    per_batch = stage in ("intermediate", "minilmv2") or getattr(args, "teacher_on_the_fly", False)
     clock = TeacherClock(dist.device, active=per_batch)
     if stage == "finetune":
         return Objective(span_objective, LOSS_PARTS[stage], clock)
     teacher = load_model(plan.dirs["teacher"], device=dist.device, verbose=dist.master) if per_batch else None
+    if stage == "minilmv2":
+        layer, heads = plan.relation
+        log(f"minilmv2 stage: the student's last layer learns teacher layer {layer}'s relations, {heads} relation heads")
+        return Objective(partial(minilmv2_objective, teacher=teacher, teacher_layer=layer, heads=heads, clock=clock),
+                         LOSS_PARTS[stage], clock)
     if stage == "intermediate":
         log(f"intermediate stage: student layers 1..{len(plan.layer_map)} learn teacher layers {plan.layer_map}")
         weights = (args.embedding_loss_weight, args.hidden_loss_weight, args.attention_loss_weight)
         return Objective(partial(intermediate_objective, teacher=teacher, layer_map=plan.layer_map, weights=weights,
                                  clock=clock), LOSS_PARTS[stage], clock)
+    probabilities = False
     if per_batch:
         def teacher_logits(b, idx):
             with torch.no_grad(), clock:
                 out = teacher(b["input_ids"], b["attention_mask"], b["token_type_ids"])
             return out.start_logits, out.end_logits
     else:
+        bridge = None
+        if plan.teacher_tokenizer is not None:  # another tokenizer: its distributions carried to ours
+            fcfg = FeaturizerConfig(args.max_seq_len, args.doc_stride, args.max_question_len)
+            bridge = TokenBridge(plan.tokenizer, plan.teacher_tokenizer, fcfg,
+                                 load_model_config(plan.dirs["teacher"]).max_window_len)
+            log(f"the teacher {args.teacher} has another tokenizer: it reads each window's question and stretch of "
+                "context in its own tokens, and its start/end distributions are carried to the student's")
         cache = open_cache(args.teacher_cache or cache_root(), store, plan.dirs["teacher"], amp_dtype,
-                           args.teacher_batch_size, dist, log, progress=not args.quiet)
+                           args.teacher_batch_size, dist, log, progress=not args.quiet, bridge=bridge,
+                           temperature=args.temperature)
         teacher_logits = lambda b, idx: cache.batch(idx, b["input_ids"].shape[1])  # noqa: E731
+        probabilities = cache.probabilities
     return Objective(partial(prediction_objective, teacher_logits=teacher_logits,
-                             weight=args.distillation_loss_weight, temperature=args.temperature),
+                             weight=args.distillation_loss_weight, temperature=args.temperature,
+                             probabilities=probabilities),
                      LOSS_PARTS[stage], clock)
 
 
