@@ -7,7 +7,6 @@ behaviour (a bad line skipped and reported, the good ones answered); never a tra
 exception or a silently wrong result. tests/test_bad_input.py holds the training and evaluation cases.
 """
 import gzip
-import http.client
 import json
 import os
 import shutil
@@ -186,7 +185,7 @@ def test_answer_cli_bad_line_is_skipped_and_the_rest_answered(ckpt, name):
     r = answer_cli(ckpt, first + b"\n" + line + b"\n" + last + b"\n")
     assert r.returncode == 0 and b"Traceback" not in r.stderr, r.stderr.decode()[-500:]
     assert [json.loads(x)["id"] for x in r.stdout.splitlines()] == [1, 3]
-    assert f"stdin:2: ".encode() in r.stderr and says.encode() in r.stderr, r.stderr
+    assert b"stdin:2: " in r.stderr and says.encode() in r.stderr, r.stderr
 
 
 def test_answer_cli_passes_non_finite_numbers_through_as_null(ckpt):

@@ -21,7 +21,6 @@ def _evaluate_parser():
 def parsers():
     main = main_parser()
     subs = next(a for a in main._actions if isinstance(a, argparse._SubParsersAction)).choices
-    from tinyqa.demo import get_args as demo_args
     return {"train_distill.py": cli.distill_parser("prediction"),
             "train_distill.py --stage intermediate": cli.distill_parser("intermediate"),
             "train_finetune.py": cli.finetune_parser(), "evaluate.py": _evaluate_parser(),

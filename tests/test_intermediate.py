@@ -16,8 +16,6 @@ from tinyqa.features import FeaturizerConfig, collate, featurize
 from tinyqa.intermediate import ProjectedStudent, check_layer_map, student_from_teacher_layers, teacher_targets, uniform_layer_map
 from tinyqa.losses import attention_mse, hidden_mse, intermediate_loss
 from tinyqa.mrqa import read_mrqa
-from tinyqa.synthetic import make_dataset, train_tokenizer, write_mrqa
-from tinyqa.tokenizer import save_tokenizer
 from tinyqa import cli
 from tinyqa.train import param_groups, train
 

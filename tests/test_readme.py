@@ -21,7 +21,7 @@ def python_blocks():
 def test_readme_has_the_api_examples():
     code = "\n".join(python_blocks())
     for call in ("QuestionAnswerer.from_pretrained", ".answer(", "top_k=", ".answer_batch(", ".answer_stream(",
-                 "handle_impossible_answer=", "load_model("):
+                 "handle_impossible_answer=", "load_model(", ".read("):
         assert call in code
 
 

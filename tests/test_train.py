@@ -18,8 +18,6 @@ from tinyqa.infer import predict
 from tinyqa.losses import distillation_loss, span_ce_loss
 from tinyqa.metrics import score
 from tinyqa.mrqa import read_mrqa
-from tinyqa.synthetic import make_dataset, train_tokenizer, write_mrqa
-from tinyqa.tokenizer import save_tokenizer
 from tinyqa import cli
 from tinyqa.train import get_lr_lambda, train
 

@@ -19,7 +19,6 @@ Calibration of Modern Neural Networks": equal-width bins, |accuracy - mean confi
 `best_null_threshold` is SQuAD 2.0's official `find_best_thresh`: the null answer wins when its score beats
 the best span's by more than the threshold (run_qa's null_score_diff_threshold), chosen to maximise F1.
 """
-import json
 import math
 import os
 from dataclasses import asdict, dataclass, field
