@@ -98,14 +98,7 @@ def train(args):
     seed_everything(args.seed)
     model, args.init = build_model(args, plan, verbose=dist.master)
     model.float().to(dist.device).train()
-    trained = model  # what the optimizer and DDP see: the intermediate stage adds TinyBERT's projection
-    if stage == "intermediate":
-        # The QA head takes no part in this stage's loss: frozen, so that it is neither decayed nor left
-        # without a gradient for DDP to wait on. The prediction-layer stage trains it.
-        model.qa_outputs.requires_grad_(False)
-        trained = ProjectedStudent(model, load_model_config(plan.dirs["teacher"]).hidden_size).to(dist.device)
-    elif stage == "minilmv2":  # the student's last layer gives its queries, keys and values
-        trained = RelationStudent(model)
+    trained = stage_module(stage, model, plan, dist.device)
 
     # --- data: featurized once into the on-disk store (the first process builds it, all read it)
     train_files = args.train or split_files("train", progress=dist.master and not args.quiet, flag="--train")
@@ -144,6 +137,19 @@ def train(args):
         log(f"teacher forward passes: {clock.seconds:.1f} s of {total:.1f} s "
             f"({100 * clock.seconds / max(total, 1e-9):.0f}%); peak memory {peak_memory(dist.device)}")
     distributed.finish(dist)
+    return model
+
+
+def stage_module(stage, model, plan, device):
+    """What the optimizer and DDP see: the model, or the stage's wrapper of it (the intermediate stage adds
+    TinyBERT's projection; the minilmv2 stage returns its last layer's queries, keys and values)."""
+    if stage == "intermediate":
+        # The QA head takes no part in this stage's loss: frozen, so that it is neither decayed nor left
+        # without a gradient for DDP to wait on. The prediction-layer stage trains it.
+        model.qa_outputs.requires_grad_(False)
+        return ProjectedStudent(model, load_model_config(plan.dirs["teacher"]).hidden_size).to(device)
+    if stage == "minilmv2":
+        return RelationStudent(model)
     return model
 
 
