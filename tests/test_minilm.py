@@ -55,6 +55,18 @@ def test_relation_kl_matches_the_definition_by_hand():
         pytest.approx(got, rel=1e-5)
 
 
+def test_relations_stay_fp32_under_autocast():
+    """Under bf16 autocast (CUDA's --precision bf16; the CPU's autocast rounds the same way) the relation
+    loss is the fp32 one: its scores are not rounded to bf16 before the softmax."""
+    g = torch.Generator().manual_seed(1)
+    t, s = 3 * torch.randn(2, 64, 48, generator=g), 3 * torch.randn(2, 64, 32, generator=g)
+    mask = torch.ones(2, 64, dtype=torch.long)
+    want = hand_relation_kl(t.double().numpy(), s.double().numpy(), mask.numpy(), 8)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = relation_kl(t, s, mask, heads=8)
+    assert got.dtype == torch.float32 and got.item() == pytest.approx(want, rel=1e-5)
+
+
 def test_a_student_equal_to_its_teacher_has_zero_loss():
     torch.manual_seed(0)
     model = EncoderForQA(EncoderConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,

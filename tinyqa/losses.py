@@ -116,7 +116,10 @@ def relations(x, attention_mask, heads):
     B, L, H = x.shape
     d = H // heads
     x = x.float().view(B, L, heads, d).transpose(1, 2)  # (B, L, H) -> (B, L, A, d_r) -> (B, A, L, d_r)
-    scores = x @ x.transpose(-1, -2) / d ** 0.5  # (B, A, L, L)
+    # in fp32 even under bf16/fp16 autocast, which would round every score (to ~3 digits in bf16) before the
+    # softmax: the targets are the teacher's relations, not a rounded copy of them
+    with torch.autocast(x.device.type, enabled=False):
+        scores = x @ x.transpose(-1, -2) / d ** 0.5  # (B, A, L, L)
     keys = attention_mask.bool()[:, None, None, :]  # (B, 1, 1, L)
     return F.log_softmax(scores.masked_fill(~keys, _MASKED), dim=-1)
 
