@@ -11,7 +11,7 @@ import pytest
 from conftest import ROOT, shared_data_dir
 
 CHECKS = {"parity/roberta", "parity/bert", "parity/electra", "parity/deberta-v2", "setup", "distill/cached",
-          "distill/on-the-fly", "throughput/train", "throughput/inference", "intermediate", "ddp"}
+          "distill/on-the-fly", "throughput/train", "throughput/inference", "intermediate", "minilmv2", "ddp"}
 
 
 def _gpu_check():
@@ -65,6 +65,8 @@ def test_dry_run_numbers(dry_run):
         assert set(checks[name]["windows_per_s"]) == {"tinyqa", "transformers"}
     assert checks["intermediate"]["steps"] == 6 and set(checks["intermediate"]["last_parts"]) == {
         "embedding_loss", "hidden_loss", "attention_loss"}
+    assert checks["minilmv2"]["steps"] == 6 and set(checks["minilmv2"]["last_parts"]) == {
+        "qq_loss", "kk_loss", "vv_loss"}
     if checks["ddp"]["status"] == "passed":
         assert checks["ddp"]["processes"] == 2 and checks["ddp"]["backend"] == "gloo"
 
