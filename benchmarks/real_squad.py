@@ -99,6 +99,8 @@ def get_args(argv=None):
     p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32", help="autocast dtype on CUDA")
     p.add_argument("--rounds", type=nonneg_int, default=0,
                    help="extra alternating timing rounds of teacher and student (each model's q/s: best of 1 + rounds)")
+    p.add_argument("--reuse-teacher", action="store_true",
+                   help="keep OUT/teacher when its args.json shows the same training flags (a rerun of other arms)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     args = p.parse_args(argv)
     if not args.data or not os.path.exists(args.data):
@@ -202,12 +204,28 @@ def teacher_run(args, train_file, fcfg):
         base.config.attention_probs_dropout_prob = args.attention_dropout
     save_pretrained(base, dirs["untrained"], tokenizer=load_tokenizer(minilm))
     with_window_settings(dirs["untrained"], fcfg)
+    flags = ["--model", dirs["untrained"], *train_flags(args, train_file, dirs["teacher"], args.teacher_epochs,
+                                                        args.teacher_lr, args.batch_size, args.grad_accum)]
+    if args.reuse_teacher and same_training(dirs["teacher"], cli.finetune_args(flags)):
+        print(f"\n== teacher: reusing {dirs['teacher']} (trained with the same flags; its time is not counted)")
+        return dirs, {}
     t = time.perf_counter()
     print(f"\n== teacher: all-MiniLM-L6-v2 + QA head, span loss, {args.teacher_epochs} epochs, lr {args.teacher_lr}")
-    run_training(False, ["--model", dirs["untrained"], *train_flags(args, train_file, dirs["teacher"],
-                                                                     args.teacher_epochs, args.teacher_lr,
-                                                                     args.batch_size, args.grad_accum)])
+    run_training(False, flags)
     return dirs, {"teacher": time.perf_counter() - t}
+
+
+def same_training(folder, wanted):
+    """Whether folder holds a finished checkpoint whose args.json records these training settings."""
+    try:
+        with open(os.path.join(folder, "args.json")) as f:
+            saved = json.load(f)
+    except (OSError, ValueError):
+        return False
+    keys = ("train", "limit", "model", "max_seq_len", "doc_stride", "batch_size", "grad_accum", "epochs", "lr",
+            "warmup_proportion", "seed", "precision")
+    return os.path.exists(os.path.join(folder, "model.safetensors")) and all(
+        saved.get(k) == getattr(wanted, k) for k in keys)
 
 
 def student_flags(args, train_file, out, epochs):

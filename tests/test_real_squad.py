@@ -80,3 +80,23 @@ def test_real_minilm_learns_held_out_articles(squad, tmp_path):
     assert m["narrow-minilmv2"]["parameters"] == m["narrow-prediction"]["parameters"] < m["student-init"]["parameters"]
     saved = json.loads((out / "results.json").read_text())
     assert saved["summary"]["heldout_questions"] == 150 and set(saved["models"]) == set(m)
+
+
+def test_reuse_teacher_only_when_trained_alike(tmp_path):
+    """--reuse-teacher keeps a teacher only if its args.json records the flags this run would train with."""
+    bench = _bench()
+    from tinyqa import cli
+    folder = tmp_path / "teacher"
+    folder.mkdir()
+    flags = ["--model", str(tmp_path / "untrained"), "--train", str(tmp_path / "train.jsonl.gz"), "--out",
+             str(folder), "--lr", "3e-4", "--epochs", "1", "--seed", "0"]
+    wanted = cli.finetune_args(flags)
+    assert not bench.same_training(folder, wanted)  # nothing there yet
+    saved = {k: v for k, v in vars(wanted).items()}
+    (folder / "args.json").write_text(json.dumps(saved))
+    assert not bench.same_training(folder, wanted)  # settings, but no weights: an interrupted run
+    (folder / "model.safetensors").write_bytes(b"")
+    assert bench.same_training(folder, wanted)
+    assert not bench.same_training(folder, cli.finetune_args(flags[:-5] + ["1e-4", "--epochs", "1", "--seed", "0"]))
+    (folder / "args.json").write_text("{not json")
+    assert not bench.same_training(folder, wanted)
