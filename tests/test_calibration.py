@@ -118,3 +118,35 @@ def test_calibrate_end_to_end(synth, teacher, tmp_path):
                        DecodeConfig(handle_impossible_answer=True, null_threshold=threshold))
         assert json.loads(out.read_text()) == {q: p.text for q, p in want.items()}
     assert set(json.loads(out.read_text()).values()) == {""}  # -1e9: the null answer everywhere
+
+
+def test_bench_calibration_splits_by_article_and_leaves_the_run_alone(synth, teacher, tmp_path):
+    """benchmarks/bench_calibration.py on a run folder shaped like real_squad.py's: the held-out articles
+    split in two disjoint halves (fit, report), a SQuAD v1.1 out-of-domain file, and the calibration written
+    into a copy, never into the run's own checkpoint."""
+    import gzip
+    import importlib.util
+    import shutil
+    run = tmp_path / "run"
+    shutil.copytree(teacher, run / "teacher")
+    rows = make_dataset(24, seed=79, split="dev")
+    for i, r in enumerate(rows):  # real_squad.py's context ids: "<article title>-<n>"
+        r["id"] = f"article{i // 3}-{i % 3}"
+    write_mrqa(run / "heldout.jsonl.gz", rows, split="heldout")
+    spec = importlib.util.spec_from_file_location("bench_calibration", ROOT / "benchmarks" / "bench_calibration.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    result = bench.main(["--run", str(run), "--ood-contexts", "20", "--bins", "5"])
+    out = run / "calibration"
+
+    def articles(name):
+        with gzip.open(out / name, "rt", encoding="utf-8") as f:
+            return {json.loads(line)["id"].rsplit("-", 1)[0] for line in f if '"header"' not in line[:12]}
+    fit_side, report_side = articles("calibration.jsonl.gz"), articles("in-domain.jsonl.gz")
+    assert len(fit_side) == 4 and fit_side | report_side == {f"article{k}" for k in range(8)}
+    assert not fit_side & report_side
+    ood = json.loads((out / "out-of-domain.json").read_text())
+    assert ood["version"] == "1.1" and len(ood["data"]) == 20
+    assert set(result.fitted_on["ece"]) == {"data", "in-domain.jsonl.gz", "out-of-domain.json"}
+    assert json.loads((out / "teacher" / "calibration.json").read_text())["temperature"] == result.temperature
+    assert not (run / "teacher" / "calibration.json").exists()
