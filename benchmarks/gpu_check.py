@@ -643,31 +643,27 @@ def check_inference_throughput(ctx):
 
 def check_intermediate(ctx):
     """A few steps of TinyBERT's stage (--stage intermediate) into the student's config from the
-    roberta-base-shaped teacher (its head count); every loss finite. Whether it fell is recorded only:
-    a few steps from a random projection need not show it."""
-    s = ctx.sizes
-    argv = train_argv(ctx, "intermediate", s.intermediate_batch, s.intermediate_steps, "--stage", "intermediate",
-                      "--teacher", ctx.workload.intermediate_teacher)
-    seconds, peak, rows = run_train(ctx, argv)
-    out, failures = distill_result(ctx, seconds, peak, rows, s.intermediate_steps, s.intermediate_batch)
-    out["loss_fell"] = not any("did not fall" in f for f in failures)
-    failures = [f for f in failures if "did not fall" not in f]
-    out["last_parts"] = {k: rows[-1][k] for k in ("embedding_loss", "hidden_loss", "attention_loss")} if rows else None
-    return out, failures
+    roberta-base-shaped teacher (its head count)."""
+    return check_stage(ctx, "intermediate", ctx.workload.intermediate_teacher,
+                       ("embedding_loss", "hidden_loss", "attention_loss"))
 
 
 def check_minilmv2(ctx):
     """A few steps of MiniLMv2's stage (--stage minilmv2) into the student's config from the
-    roberta-large-shaped teacher: relation heads shared by a wider, deeper teacher with more heads. Every
-    loss finite; whether it fell is recorded only, as for the intermediate stage."""
+    roberta-large-shaped teacher: relation heads shared by a wider, deeper teacher with more heads."""
+    return check_stage(ctx, "minilmv2", ctx.workload.teacher, ("qq_loss", "kk_loss", "vv_loss"))
+
+
+def check_stage(ctx, stage, teacher, parts):
+    """A few steps of a representation stage; every loss finite. Whether it fell is recorded only: a few
+    steps from a random student (and, for TinyBERT, a random projection) need not show it."""
     s = ctx.sizes
-    argv = train_argv(ctx, "minilmv2", s.intermediate_batch, s.intermediate_steps, "--stage", "minilmv2",
-                      "--teacher", ctx.workload.teacher)
+    argv = train_argv(ctx, stage, s.intermediate_batch, s.intermediate_steps, "--stage", stage, "--teacher", teacher)
     seconds, peak, rows = run_train(ctx, argv)
     out, failures = distill_result(ctx, seconds, peak, rows, s.intermediate_steps, s.intermediate_batch)
     out["loss_fell"] = not any("did not fall" in f for f in failures)
     failures = [f for f in failures if "did not fall" not in f]
-    out["last_parts"] = {k: rows[-1][k] for k in ("qq_loss", "kk_loss", "vv_loss")} if rows else None
+    out["last_parts"] = {k: rows[-1][k] for k in parts} if rows else None
     return out, failures
 
 
