@@ -208,6 +208,19 @@ def test_evaluate_split_dev_first_run_then_offline(user, world):
 
 
 ONE = " --epochs 1"  # the one flag the training commands get beyond the README's, to stay fast
+CARD = ["python train_distill.py --teacher roberta-large-mrqa --out runs/distill",
+        "python train_finetune.py --model runs/distill --out runs/finetune",
+        "python evaluate.py --model runs/finetune --split dev"]
+LINEAGE = ["python train_distill.py --stage intermediate --out runs/step1",
+           "python train_distill.py --teacher roberta-large-mrqa --student runs/step1 --out runs/distill"]
+
+
+def test_the_rehearsed_commands_are_the_readmes():
+    """What the rehearsal runs is what the README tells a user to run, line for line."""
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    lines = {line.split("  #")[0].strip() for line in readme.splitlines()}
+    for command in ["python evaluate.py --split dev", *CARD, *LINEAGE]:
+        assert command in lines, command
 
 
 def first_runs_then_offline(user, lines):
@@ -224,9 +237,7 @@ def first_runs_then_offline(user, lines):
 def test_card_distillation_first_run_then_offline(user, world):
     """The README's reproduction of the card: the teacher and the student from the hub ids of the card's
     defaults, the MRQA train split, then fine-tuning and evaluating the result on the dev split."""
-    first_runs_then_offline(user, ["python train_distill.py --teacher roberta-large-mrqa --out runs/distill" + ONE,
-                                   "python train_finetune.py --model runs/distill --out runs/finetune" + ONE,
-                                   "python evaluate.py --model runs/finetune --split dev"])
+    first_runs_then_offline(user, [line + ONE if "train_" in line else line for line in CARD])
     assert_cached(user, world, "train", "VMware/roberta-large-mrqa")
     assert_cached(user, world, "dev", "deepset/tinyroberta-squad2-step1")
     args = json.loads((user.cwd / "runs" / "distill" / "args.json").read_text())
@@ -236,9 +247,7 @@ def test_card_distillation_first_run_then_offline(user, world):
 def test_lineage_first_run_then_offline(user, world):
     """The README's lineage from its first stage's defaults: deepset/roberta-base-squad2 (vocab.json +
     merges.txt, no tokenizer.json) teaching deepset/tinyroberta-6l-768d (a base LM in pytorch_model.bin)."""
-    first_runs_then_offline(user, ["python train_distill.py --stage intermediate --out runs/step1" + ONE,
-                                   "python train_distill.py --teacher roberta-large-mrqa --student runs/step1 "
-                                   "--out runs/distill" + ONE])
+    first_runs_then_offline(user, [line + ONE for line in LINEAGE])
     assert_cached(user, world, "train", "deepset/roberta-base-squad2")
     assert_cached(user, world, "train", "deepset/tinyroberta-6l-768d")
     assert not (user.snapshot("deepset/roberta-base-squad2") / "tokenizer.json").exists()
