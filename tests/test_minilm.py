@@ -55,6 +55,29 @@ def test_relation_kl_matches_the_definition_by_hand():
         pytest.approx(got, rel=1e-5)
 
 
+def test_relation_kl_gradient_is_the_definitions():
+    """The student's gradient equals that of the definition computed the plain way (log-softmax of both
+    relations, KL summed over keys), in float64, with padded keys and queries."""
+    g = torch.Generator().manual_seed(2)
+    t = torch.randn(2, 7, 12, generator=g, dtype=torch.float64)
+    s = torch.randn(2, 7, 8, generator=g, dtype=torch.float64, requires_grad=True)
+    mask = torch.tensor([[1] * 7, [1, 1, 1, 1, 0, 0, 0]])
+
+    def plain(x, heads=4):
+        B, L, H = x.shape
+        x = x.view(B, L, heads, H // heads).transpose(1, 2)
+        scores = (x @ x.transpose(-1, -2) / (H // heads) ** 0.5).masked_fill(~mask.bool()[:, None, None, :], -1e9)
+        return torch.log_softmax(scores, dim=-1)
+    kl = (plain(t).exp() * (plain(t) - plain(s))).sum(-1).mean(1)  # (B, L)
+    real = mask.double()
+    want = ((kl * real).sum(1) / real.sum(1)).mean()
+    (want_grad,) = torch.autograd.grad(want, s)
+    got = relation_kl(t, s, mask, heads=4)
+    (got_grad,) = torch.autograd.grad(got, s)
+    assert got.item() == pytest.approx(want.item(), rel=1e-5)
+    assert torch.allclose(got_grad.double(), want_grad, rtol=1e-4, atol=1e-7), (got_grad - want_grad).abs().max()
+
+
 def test_relations_stay_fp32_under_autocast():
     """Under bf16 autocast (CUDA's --precision bf16; the CPU's autocast rounds the same way) the relation
     loss is the fp32 one: its scores are not rounded to bf16 before the softmax."""

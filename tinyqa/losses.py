@@ -110,25 +110,46 @@ def intermediate_loss(student_hidden, teacher_hidden, student_scores, teacher_sc
 # averaged over relation heads and the window's real tokens (padded keys are left out of every softmax,
 # padded queries out of the average), then over windows. The loss is the sum of the QQ, KK and VV terms.
 
+def relation_heads(x, heads):
+    """(B, L, H) -> (B, A, L, d_r): the hidden vectors regrouped into A relation heads of d_r = H / A, fp32,
+    each scaled by d_r ** -0.25, so that a product of two is already the scaled dot product (the scale then
+    costs a pass over (L, d_r) values, not over the (L, L) map)."""
+    B, L, H = x.shape
+    return x.float().view(B, L, heads, H // heads).transpose(1, 2) * (H // heads) ** -0.25
+
+
+def relation_scores(x, attention_mask):
+    """x_a x_a^T per relation head (x from relation_heads: scaled dot products), (B, A, L, d_r) -> (B, A, L,
+    L), padded keys at -1e9. In fp32 even under bf16/fp16 autocast, which would round every score (to ~3
+    digits in bf16) before the softmax: the targets are the teacher's relations, not a rounded copy."""
+    with torch.autocast(x.device.type, enabled=False):
+        scores = x @ x.transpose(-1, -2)
+    return scores.masked_fill_(~attention_mask.bool()[:, None, None, :], _MASKED)  # in place: a pass saved
+
+
 def relations(x, attention_mask, heads):
     """log softmax(x_a x_a^T / sqrt(d_r)) per relation head a: (B, L, H) -> (B, A, L, L), padded keys at -inf
     in effect (probability 0)."""
-    B, L, H = x.shape
-    d = H // heads
-    x = x.float().view(B, L, heads, d).transpose(1, 2)  # (B, L, H) -> (B, L, A, d_r) -> (B, A, L, d_r)
-    # in fp32 even under bf16/fp16 autocast, which would round every score (to ~3 digits in bf16) before the
-    # softmax: the targets are the teacher's relations, not a rounded copy of them
-    with torch.autocast(x.device.type, enabled=False):
-        scores = x @ x.transpose(-1, -2) / d ** 0.5  # (B, A, L, L)
-    keys = attention_mask.bool()[:, None, None, :]  # (B, 1, 1, L)
-    return F.log_softmax(scores.masked_fill(~keys, _MASKED), dim=-1)
+    return F.log_softmax(relation_scores(relation_heads(x, heads), attention_mask), dim=-1)
 
 
 def relation_kl(teacher, student, attention_mask, heads):
     """Mean over windows of KL(teacher relation || student relation), summed over keys, averaged over the
-    relation heads and the window's real query tokens. teacher (B, L, H_t), student (B, L, H_s)."""
-    log_t, log_s = relations(teacher, attention_mask, heads), relations(student, attention_mask, heads)
-    kl = (log_t.exp() * (log_t - log_s)).sum(dim=-1)  # (B, A, L): one KL per relation head and query token
+    relation heads and the window's real query tokens. teacher (B, L, H_t), student (B, L, H_s).
+
+    Computed as KL = sum_k p_k log p_k - sum_k p_k s_k + logsumexp_k s_k, with p the teacher's relation and s
+    the student's scores (log q = s - logsumexp s, and the p of a query sum to 1): the teacher's side needs
+    no gradient, and sum_k p_k s_k = x_q . (P X)_q is a matmul, so autograd keeps one (L, L) map per head
+    of the student instead of the chain log_softmax, exp, subtract, multiply. The (L, L) maps are what this
+    loss costs: each pass over them saved is time saved."""
+    with torch.no_grad():
+        log_p = relations(teacher, attention_mask, heads)
+        p = log_p.exp()
+        neg_entropy = (p * log_p).sum(dim=-1)  # (B, A, L)
+    x = relation_heads(student, heads)  # (B, A, L, d_r)
+    with torch.autocast(x.device.type, enabled=False):
+        cross = ((p @ x) * x).sum(dim=-1)  # (B, A, L): sum_k p_k s_k
+    kl = neg_entropy - cross + torch.logsumexp(relation_scores(x, attention_mask), dim=-1)  # (B, A, L)
     real = attention_mask.float()  # (B, L)
     per_window = (kl.mean(dim=1) * real).sum(dim=1) / real.sum(dim=1)  # (B,)
     return per_window.mean()
