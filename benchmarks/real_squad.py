@@ -18,6 +18,10 @@
 4. A table like the card's: parameters, held-out EM/F1, questions/s (featurize + forward + decode of the
    held-out questions, every model timed in turn in this process; --rounds N adds N alternating rounds of
    teacher and distilled student and keeps each one's best).
+5. --arms minilmv2 (or all): a student that cannot start from the teacher's layers (--narrow-size, another
+   width and head count, random init) trained with `train_distill.py --stage minilmv2` then the prediction
+   stage, against the same init given the prediction stage alone for as many epochs (docs/distillation.md).
+   --reuse-teacher keeps a teacher an earlier run of the same flags trained in --out.
 
 The recipe, scaled to the data (the card's is for 516k questions on GPUs): the teacher 1 epoch at lr 3e-4 and
 batch 32 instead of 1e-5, because 8k questions give ~290 steps an epoch instead of tens of thousands (small

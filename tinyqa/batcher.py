@@ -32,8 +32,8 @@ class _Job:
 
 
 class Batcher:
-    def __init__(self, model, max_tokens=4096, request_tokens=512, wait_s=0.002, batch_size=64, device="cpu",
-                 on_pass=None):
+    def __init__(self, model, max_tokens, request_tokens, wait_s=0.002, batch_size=64, device="cpu", on_pass=None):
+        # max_tokens, request_tokens: no defaults here; the server chooses them per device (make_server)
         self.model, self.max_tokens, self.request_tokens, self.wait_s = model, max_tokens, request_tokens, wait_s
         self.batch_size, self.device, self.on_pass = batch_size, device, on_pass  # on_pass(windows, tokens, s)
         self.jobs, self.cond, self.stopping, self.fresh_passes = [], threading.Condition(), False, 0

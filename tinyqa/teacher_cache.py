@@ -220,8 +220,8 @@ def _check_pairs(store, pairs, lo, hi, offsets):
 
 
 def _teacher_probabilities(teacher, pairs, windows, temperature, device, autocast):
-    """Per paired window (the store's windows `windows`), the teacher's start and end probabilities at `temperature` over its own window,
-    carried to the student's tokens: (student tokens, 2) float64 each."""
+    """Per paired window (the store's windows `windows`), the teacher's start and end probabilities at
+    `temperature` over its own window, carried to the student's tokens: (student tokens, 2) float64 each."""
     batch = pad_batch([(p.teacher_ids, p.teacher_types) for p in pairs], teacher.config.pad_token_id)
     with autocast:
         out = teacher(*(batch[k].to(device) for k in ("input_ids", "attention_mask", "token_type_ids")))
